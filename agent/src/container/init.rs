@@ -1,0 +1,376 @@
+//! The container's first process (`hull-agent container-init`), already inside the
+//! container's new namespaces: builds the container's view of the world from the OCI
+//! spec, reports ready, waits for start, and execs the OCI process.
+//!
+//! Written by hand rather than on youki's libcontainer: libcontainer brings its own
+//! process model (it forks and syncs its own intermediate processes, and wants cgroup
+//! managers and a state directory), which fights an agent that already is PID 1 and
+//! reaper; what is needed here is the small, well-trodden sequence below.
+
+use std::ffi::{CString, OsStr};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{bail, Context, Result};
+use nix::mount::{mount, umount2, MntFlags, MsFlags};
+use nix::sys::signal::{SigSet, SigmaskHow};
+use nix::unistd::{Gid, Uid};
+use oci_spec::runtime::{Process, Spec};
+
+use super::{caps, mounts, recv_msg, send_msg};
+
+/// The argument that makes hull-agent the container init.
+pub const ARG: &str = "container-init";
+
+/// The control socket's descriptor number in the init.
+const CONTROL_FD: RawFd = 3;
+
+const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+pub fn run() -> ExitCode {
+    // SAFETY: the agent put the control socket on fd 3 for us and nothing else owns it.
+    let ctl = unsafe { OwnedFd::from_raw_fd(CONTROL_FD) };
+    // It must not leak into the container's process.
+    let _ = nix::fcntl::fcntl(
+        CONTROL_FD,
+        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+    );
+    let prepared = match setup(ctl.as_raw_fd()) {
+        Ok(p) => p,
+        Err(e) => {
+            let _ = send_msg(ctl.as_raw_fd(), format!("error: {e:#}").as_bytes(), None);
+            return ExitCode::from(1);
+        }
+    };
+    if send_msg(ctl.as_raw_fd(), b"ready", None).is_err() {
+        return ExitCode::from(1);
+    }
+    match recv_msg(ctl.as_raw_fd()) {
+        Ok((msg, _)) if msg == b"start" => {}
+        // The container was removed before it started.
+        _ => return ExitCode::SUCCESS,
+    }
+    let (code, message) = exec(&prepared);
+    let _ = send_msg(ctl.as_raw_fd(), message.as_bytes(), None);
+    eprintln!("hull: {message}");
+    ExitCode::from(code)
+}
+
+struct Prepared {
+    args: Vec<CString>,
+    env: Vec<CString>,
+    path_var: String,
+}
+
+fn setup(ctl: RawFd) -> Result<Prepared> {
+    let (rootfs, _) = recv_msg(ctl)?;
+    let rootfs = PathBuf::from(OsStr::from_bytes(&rootfs));
+    let (terminal, _) = recv_msg(ctl)?;
+    let terminal = terminal == b"terminal";
+    let (spec, _) = recv_msg(ctl)?;
+    let spec: Spec = serde_json::from_slice(&spec).context("parsing the OCI spec")?;
+    let process = spec.process().as_ref().context("the spec has no process")?;
+    let linux = spec.linux().clone().unwrap_or_default();
+
+    // Nothing done in here may reach the agent's mount namespace.
+    mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )
+    .context("making / private")?;
+    mount(
+        Some(&rootfs),
+        &rootfs,
+        None::<&str>,
+        MsFlags::MS_BIND | MsFlags::MS_REC,
+        None::<&str>,
+    )
+    .with_context(|| format!("bind mounting the rootfs {}", rootfs.display()))?;
+    let mut dev_is_tmpfs = false;
+    for m in spec.mounts().as_deref().unwrap_or_default() {
+        mounts::mount_one(&rootfs, m)?;
+        if m.destination() == Path::new("/dev") && m.typ().as_deref() == Some("tmpfs") {
+            dev_is_tmpfs = true;
+        }
+    }
+    if dev_is_tmpfs {
+        mounts::create_devices(&rootfs, linux.devices().as_deref().unwrap_or_default())?;
+    }
+    if let Some(hostname) = spec.hostname() {
+        nix::unistd::sethostname(hostname)
+            .with_context(|| format!("setting hostname {hostname:?}"))?;
+    }
+    pivot_root(&rootfs)?;
+    if spec
+        .root()
+        .as_ref()
+        .and_then(|r| r.readonly())
+        .unwrap_or(false)
+    {
+        mount(
+            None::<&str>,
+            "/",
+            None::<&str>,
+            MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
+            None::<&str>,
+        )
+        .context("making the rootfs read-only")?;
+    }
+    for path in linux.masked_paths().as_deref().unwrap_or_default() {
+        mask_path(Path::new(path))?;
+    }
+    for path in linux.readonly_paths().as_deref().unwrap_or_default() {
+        readonly_path(Path::new(path))?;
+    }
+    for (key, value) in linux.sysctl().clone().unwrap_or_default() {
+        let file = Path::new("/proc/sys").join(key.replace('.', "/"));
+        std::fs::write(&file, &value).with_context(|| format!("setting sysctl {key}={value}"))?;
+    }
+    if terminal {
+        open_terminal(ctl)?;
+    }
+    apply_process(process)?;
+
+    let args = process.args().clone().unwrap_or_default();
+    let env = process.env().clone().unwrap_or_default();
+    let path_var = env
+        .iter()
+        .find_map(|e| e.strip_prefix("PATH="))
+        .unwrap_or(DEFAULT_PATH)
+        .to_string();
+    let cstrings = |v: Vec<String>, what: &str| -> Result<Vec<CString>> {
+        v.into_iter()
+            .map(|s| CString::new(s).with_context(|| format!("a NUL byte in process {what}")))
+            .collect()
+    };
+    Ok(Prepared {
+        args: cstrings(args, "args")?,
+        env: cstrings(env, "env")?,
+        path_var,
+    })
+}
+
+fn pivot_root(rootfs: &Path) -> Result<()> {
+    nix::unistd::chdir(rootfs).with_context(|| format!("entering {}", rootfs.display()))?;
+    // pivot_root(".", "."): the old root ends up stacked under the new one, then is
+    // detached; no directory for it is needed in the rootfs.
+    nix::unistd::pivot_root(".", ".").context("pivot_root into the rootfs")?;
+    umount2(".", MntFlags::MNT_DETACH).context("detaching the old root")?;
+    nix::unistd::chdir("/").context("chdir /")?;
+    Ok(())
+}
+
+fn mask_path(path: &Path) -> Result<()> {
+    let meta = match std::fs::metadata(path) {
+        Ok(m) => m,
+        Err(_) => return Ok(()),
+    };
+    if meta.is_dir() {
+        mount(
+            Some("tmpfs"),
+            path,
+            Some("tmpfs"),
+            MsFlags::MS_RDONLY,
+            None::<&str>,
+        )
+    } else {
+        mount(
+            Some("/dev/null"),
+            path,
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        )
+    }
+    .with_context(|| format!("masking {}", path.display()))
+}
+
+fn readonly_path(path: &Path) -> Result<()> {
+    if std::fs::symlink_metadata(path).is_err() {
+        return Ok(());
+    }
+    mount(
+        Some(path),
+        path,
+        None::<&str>,
+        MsFlags::MS_BIND | MsFlags::MS_REC,
+        None::<&str>,
+    )
+    .and_then(|_| {
+        mount(
+            None::<&str>,
+            path,
+            None::<&str>,
+            MsFlags::MS_BIND
+                | MsFlags::MS_REMOUNT
+                | MsFlags::MS_RDONLY
+                | MsFlags::MS_NOSUID
+                | MsFlags::MS_NODEV
+                | MsFlags::MS_NOEXEC,
+            None::<&str>,
+        )
+    })
+    .with_context(|| format!("making {} read-only", path.display()))
+}
+
+/// Opens a pty in the container's own devpts, hands the master to the agent and makes the
+/// slave this process's controlling terminal and stdio.
+fn open_terminal(ctl: RawFd) -> Result<()> {
+    use nix::fcntl::OFlag;
+    let master = nix::pty::posix_openpt(OFlag::O_RDWR | OFlag::O_NOCTTY | OFlag::O_CLOEXEC)
+        .context("opening /dev/ptmx")?;
+    nix::pty::grantpt(&master).context("grantpt")?;
+    nix::pty::unlockpt(&master).context("unlockpt")?;
+    let name = nix::pty::ptsname_r(&master).context("ptsname")?;
+    let slave = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&name)
+        .with_context(|| format!("opening {name}"))?;
+    send_msg(ctl, b"pty", Some(master.as_raw_fd()))?;
+    nix::unistd::setsid().context("setsid")?;
+    // SAFETY: TIOCSCTTY takes an integer argument.
+    if unsafe { libc::ioctl(slave.as_raw_fd(), libc::TIOCSCTTY, 0) } != 0 {
+        return Err(std::io::Error::last_os_error())
+            .context("making the pty the controlling terminal");
+    }
+    for fd in 0..3 {
+        nix::unistd::dup2(slave.as_raw_fd(), fd).context("wiring the pty to stdio")?;
+    }
+    Ok(())
+}
+
+/// rlimits, oom score, user, capabilities, no_new_privs, umask, cwd: in runc's order.
+fn apply_process(process: &Process) -> Result<()> {
+    for r in process.rlimits().as_deref().unwrap_or_default() {
+        let name = serde_json::to_value(r.typ())?;
+        let resource = rlimit_resource(name.as_str().unwrap_or_default())?;
+        let limit = libc::rlimit {
+            rlim_cur: r.soft(),
+            rlim_max: r.hard(),
+        };
+        // SAFETY: setrlimit reads a valid rlimit that lives across the call.
+        if unsafe { libc::setrlimit(resource, &limit) } != 0 {
+            return Err(std::io::Error::last_os_error()).with_context(|| format!("setting {name}"));
+        }
+    }
+    if let Some(score) = process.oom_score_adj() {
+        std::fs::write("/proc/self/oom_score_adj", score.to_string())
+            .context("setting oom_score_adj")?;
+    }
+    let sets = caps::Sets::from_spec(process.capabilities().as_ref())?;
+    sets.apply_bounding()?;
+
+    let user = process.user();
+    // Keep the permitted set across setuid; the capset below decides what stays.
+    // SAFETY: prctl with integer arguments only.
+    unsafe { libc::prctl(libc::PR_SET_KEEPCAPS, 1, 0, 0, 0) };
+    let groups: Vec<Gid> = user
+        .additional_gids()
+        .clone()
+        .unwrap_or_default()
+        .into_iter()
+        .map(Gid::from_raw)
+        .collect();
+    nix::unistd::setgroups(&groups).context("setting additional groups")?;
+    nix::unistd::setgid(Gid::from_raw(user.gid()))
+        .with_context(|| format!("setgid {}", user.gid()))?;
+    nix::unistd::setuid(Uid::from_raw(user.uid()))
+        .with_context(|| format!("setuid {}", user.uid()))?;
+    // SAFETY: prctl with integer arguments only.
+    unsafe { libc::prctl(libc::PR_SET_KEEPCAPS, 0, 0, 0, 0) };
+    sets.apply()?;
+    if process.no_new_privileges().unwrap_or(false) {
+        // SAFETY: prctl with integer arguments only.
+        if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
+            return Err(std::io::Error::last_os_error()).context("setting no_new_privs");
+        }
+    }
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(
+        user.umask().unwrap_or(0o022),
+    ));
+    let cwd = process.cwd();
+    nix::unistd::chdir(cwd)
+        .with_context(|| format!("cannot enter working directory {}", cwd.display()))?;
+    Ok(())
+}
+
+// glibc and musl disagree on the type of setrlimit's resource argument.
+#[cfg(target_env = "gnu")]
+type Resource = libc::__rlimit_resource_t;
+#[cfg(not(target_env = "gnu"))]
+type Resource = libc::c_int;
+
+fn rlimit_resource(name: &str) -> Result<Resource> {
+    Ok(match name {
+        "RLIMIT_CPU" => libc::RLIMIT_CPU,
+        "RLIMIT_FSIZE" => libc::RLIMIT_FSIZE,
+        "RLIMIT_DATA" => libc::RLIMIT_DATA,
+        "RLIMIT_STACK" => libc::RLIMIT_STACK,
+        "RLIMIT_CORE" => libc::RLIMIT_CORE,
+        "RLIMIT_RSS" => libc::RLIMIT_RSS,
+        "RLIMIT_NPROC" => libc::RLIMIT_NPROC,
+        "RLIMIT_NOFILE" => libc::RLIMIT_NOFILE,
+        "RLIMIT_MEMLOCK" => libc::RLIMIT_MEMLOCK,
+        "RLIMIT_AS" => libc::RLIMIT_AS,
+        "RLIMIT_LOCKS" => libc::RLIMIT_LOCKS,
+        "RLIMIT_SIGPENDING" => libc::RLIMIT_SIGPENDING,
+        "RLIMIT_MSGQUEUE" => libc::RLIMIT_MSGQUEUE,
+        "RLIMIT_NICE" => libc::RLIMIT_NICE,
+        "RLIMIT_RTPRIO" => libc::RLIMIT_RTPRIO,
+        "RLIMIT_RTTIME" => libc::RLIMIT_RTTIME,
+        other => bail!("unknown rlimit {other}"),
+    })
+}
+
+/// Finds the executable as execvp would, then execs it. Returns only on failure: the exit
+/// code (127 not found, 126 not runnable, as shells and `docker run` use) and a message.
+fn exec(p: &Prepared) -> (u8, String) {
+    let Some(argv0) = p.args.first() else {
+        return (127, "no command".to_string());
+    };
+    let name = argv0.to_string_lossy().into_owned();
+    let candidates: Vec<PathBuf> = if name.contains('/') {
+        vec![PathBuf::from(&name)]
+    } else {
+        p.path_var
+            .split(':')
+            .filter(|d| !d.is_empty())
+            .map(|d| Path::new(d).join(&name))
+            .collect()
+    };
+    let Some(path) = candidates
+        .iter()
+        .find(|c| c.is_file())
+        .or_else(|| candidates.iter().find(|c| c.exists()))
+    else {
+        return (
+            127,
+            format!("cannot run {name:?}: executable file not found in $PATH"),
+        );
+    };
+    let Ok(cpath) = CString::new(path.as_os_str().as_bytes()) else {
+        return (127, format!("cannot run {name:?}: bad path"));
+    };
+    let mut argv: Vec<*const libc::c_char> = p.args.iter().map(|a| a.as_ptr()).collect();
+    argv.push(std::ptr::null());
+    let mut envp: Vec<*const libc::c_char> = p.env.iter().map(|e| e.as_ptr()).collect();
+    envp.push(std::ptr::null());
+    // The agent blocks SIGCHLD in all its threads; the container starts with no mask.
+    let _ =
+        nix::sys::signal::pthread_sigmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None);
+    // SAFETY: argv and envp are NUL-terminated arrays of pointers to live C strings.
+    unsafe { libc::execve(cpath.as_ptr(), argv.as_ptr(), envp.as_ptr()) };
+    let err = std::io::Error::last_os_error();
+    let code = if err.raw_os_error() == Some(libc::ENOENT) {
+        127
+    } else {
+        126
+    };
+    (code, format!("cannot run {}: {err}", path.display()))
+}

@@ -1,0 +1,421 @@
+//! Containers as the agent keeps them: create (clone into new namespaces and re-exec as
+//! the container init), start, signal, wait, remove.
+
+pub mod caps;
+pub mod init;
+pub mod mounts;
+mod tty;
+
+use std::collections::HashMap;
+use std::ffi::CString;
+use std::io::{IoSlice, IoSliceMut, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::path::{Component, Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use anyhow::{anyhow, bail, Context, Result};
+use hull_protocol::GUEST_SHARE_DIR;
+use nix::sys::signal::{kill, Signal};
+use nix::sys::socket::{
+    recvmsg, sendmsg, socketpair, AddressFamily, ControlMessage, ControlMessageOwned, MsgFlags,
+    SockFlag, SockType,
+};
+use nix::unistd::Pid;
+use oci_spec::runtime::{LinuxNamespaceType, Spec};
+
+use crate::reaper::{self, Exit};
+use crate::vsock;
+
+/// The largest message on the control socket (the spec is one).
+pub const MAX_MESSAGE: usize = 192 * 1024;
+
+/// Host vsock ports for a process's stdio (0: not wired).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct StdioPorts {
+    pub stdin: u32,
+    pub stdout: u32,
+    pub stderr: u32,
+    pub terminal: bool,
+}
+
+struct Container {
+    pid: i32,
+    /// The agent's end of the control socket with the container init; gone once started.
+    control: Mutex<Option<OwnedFd>>,
+    tty: Option<tty::Relay>,
+}
+
+#[derive(Default)]
+pub struct Manager {
+    containers: Mutex<HashMap<String, Arc<Container>>>,
+}
+
+fn check_id(id: &str) -> Result<()> {
+    let ok = !id.is_empty()
+        && id.len() <= 128
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b))
+        && !id.starts_with('.');
+    if !ok {
+        bail!("container id {id:?} is not valid: use 1-128 letters, digits, '_', '.', '-'");
+    }
+    Ok(())
+}
+
+/// The rootfs the spec names, inside the share.
+fn rootfs_path(spec: &Spec) -> Result<PathBuf> {
+    let root = spec.root().as_ref().context("the spec has no root")?;
+    let rel = root.path();
+    if rel.is_absolute() || rel.components().any(|c| !matches!(c, Component::Normal(_))) {
+        bail!(
+            "root.path {} must be relative to the share, without '..'",
+            rel.display()
+        );
+    }
+    let path = Path::new(GUEST_SHARE_DIR).join(rel);
+    if !path.is_dir() {
+        bail!("rootfs {} is not a directory in the guest", path.display());
+    }
+    Ok(path)
+}
+
+fn clone_flags(spec: &Spec) -> Result<libc::c_int> {
+    let mut flags = 0;
+    let namespaces = spec
+        .linux()
+        .as_ref()
+        .and_then(|l| l.namespaces().clone())
+        .unwrap_or_default();
+    for ns in namespaces {
+        if let Some(path) = ns.path() {
+            bail!(
+                "joining an existing {:?} namespace ({}) is not supported yet",
+                ns.typ(),
+                path.display()
+            );
+        }
+        flags |= match ns.typ() {
+            LinuxNamespaceType::Mount => libc::CLONE_NEWNS,
+            LinuxNamespaceType::Pid => libc::CLONE_NEWPID,
+            LinuxNamespaceType::Uts => libc::CLONE_NEWUTS,
+            LinuxNamespaceType::Ipc => libc::CLONE_NEWIPC,
+            LinuxNamespaceType::Network => libc::CLONE_NEWNET,
+            LinuxNamespaceType::Cgroup => libc::CLONE_NEWCGROUP,
+            other => bail!("{other:?} namespaces are not supported yet"),
+        };
+    }
+    if flags & libc::CLONE_NEWNS == 0 {
+        bail!("the spec must ask for a mount namespace: the container's rootfs is built in one");
+    }
+    Ok(flags)
+}
+
+/// Sends one message (and optionally one fd) on a SEQPACKET control socket.
+pub fn send_msg(fd: RawFd, msg: &[u8], pass: Option<RawFd>) -> Result<()> {
+    let fds = pass.map(|f| [f]);
+    let cmsgs: Vec<ControlMessage> = fds
+        .as_ref()
+        .map(|f| ControlMessage::ScmRights(f))
+        .into_iter()
+        .collect();
+    sendmsg::<()>(fd, &[IoSlice::new(msg)], &cmsgs, MsgFlags::empty(), None)
+        .context("control socket send")?;
+    Ok(())
+}
+
+/// Receives one message (empty at EOF) and the fd it carried, if any.
+pub fn recv_msg(fd: RawFd) -> Result<(Vec<u8>, Option<OwnedFd>)> {
+    let mut buf = vec![0u8; MAX_MESSAGE];
+    let mut space = nix::cmsg_space!([RawFd; 1]);
+    let mut iov = [IoSliceMut::new(&mut buf)];
+    let msg = recvmsg::<()>(fd, &mut iov, Some(&mut space), MsgFlags::MSG_CMSG_CLOEXEC)
+        .context("control socket receive")?;
+    let mut passed = None;
+    for c in msg.cmsgs() {
+        if let ControlMessageOwned::ScmRights(fds) = c {
+            for f in fds {
+                // SAFETY: the kernel just installed this descriptor for us.
+                let owned = unsafe { OwnedFd::from_raw_fd(f) };
+                if passed.is_none() {
+                    passed = Some(owned);
+                }
+            }
+        }
+    }
+    if msg.flags.contains(MsgFlags::MSG_TRUNC) {
+        bail!("control message longer than {MAX_MESSAGE} bytes");
+    }
+    let n = msg.bytes;
+    buf.truncate(n);
+    Ok((buf, passed))
+}
+
+fn open_stdio(port: u32) -> Result<OwnedFd> {
+    if port == 0 {
+        return Ok(std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/null")?
+            .into());
+    }
+    vsock::connect_host(port).with_context(|| format!("connecting stdio to host port {port}"))
+}
+
+impl Manager {
+    fn get(&self, id: &str) -> Result<Arc<Container>> {
+        self.containers
+            .lock()
+            .map_err(|_| anyhow!("container table poisoned"))?
+            .get(id)
+            .cloned()
+            .ok_or_else(|| anyhow!("no container {id:?} in this sandbox"))
+    }
+
+    pub fn create(&self, id: &str, spec_json: &[u8], stdio: StdioPorts) -> Result<i32> {
+        check_id(id)?;
+        if self.get(id).is_ok() {
+            bail!("container {id:?} already exists in this sandbox");
+        }
+        if spec_json.len() > MAX_MESSAGE {
+            bail!(
+                "the OCI spec is {} bytes; at most {MAX_MESSAGE} are accepted",
+                spec_json.len()
+            );
+        }
+        let spec: Spec = serde_json::from_slice(spec_json).context("parsing the OCI spec")?;
+        let process = spec.process().as_ref().context("the spec has no process")?;
+        if process.args().as_ref().map_or(true, |a| a.is_empty()) {
+            bail!("the spec's process has no args: give a command to run");
+        }
+        let rootfs = rootfs_path(&spec)?;
+        let flags = clone_flags(&spec)?;
+        let terminal = process.terminal().unwrap_or(false);
+        if terminal != stdio.terminal {
+            bail!("process.terminal and the stdio request disagree");
+        }
+
+        // The child's stdio: the vsock streams, or /dev/null where the init will put a pty.
+        let (stdin, stdout, stderr, tty_stream) = if terminal {
+            let null = open_stdio(0)?;
+            (
+                null.try_clone()?,
+                null.try_clone()?,
+                null,
+                Some(open_stdio(stdio.stdout)?),
+            )
+        } else {
+            (
+                open_stdio(stdio.stdin)?,
+                open_stdio(stdio.stdout)?,
+                open_stdio(stdio.stderr)?,
+                None,
+            )
+        };
+        let (ours, theirs) = socketpair(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        )
+        .context("creating the control socket")?;
+        // SAFETY: socketpair just returned these descriptors and nothing else owns them.
+        let (ours, theirs) = unsafe { (OwnedFd::from_raw_fd(ours), OwnedFd::from_raw_fd(theirs)) };
+
+        let exe = CString::new("/proc/self/exe")?;
+        let argv0 = CString::new("hull-agent")?;
+        let argv1 = CString::new(init::ARG)?;
+        let argv = [argv0.as_ptr(), argv1.as_ptr(), std::ptr::null()];
+        let envp = [std::ptr::null::<libc::c_char>()];
+        let fds = [
+            stdin.as_raw_fd(),
+            stdout.as_raw_fd(),
+            stderr.as_raw_fd(),
+            theirs.as_raw_fd(),
+        ];
+
+        let pid = reaper::spawn_tracked(|| {
+            // SAFETY: a fork-like clone (no CLONE_VM, no new stack). The child runs only
+            // async-signal-safe calls (dup2, fcntl, execve, _exit) on memory prepared above.
+            let pid = unsafe {
+                libc::syscall(
+                    libc::SYS_clone,
+                    (flags | libc::SIGCHLD) as libc::c_ulong,
+                    0,
+                    0,
+                    0,
+                    0,
+                )
+            };
+            if pid == 0 {
+                // SAFETY: as above; the child never returns from this block.
+                unsafe {
+                    for (target, fd) in fds.iter().enumerate() {
+                        let target = target as RawFd;
+                        if *fd == target {
+                            libc::fcntl(target, libc::F_SETFD, 0);
+                        } else if libc::dup2(*fd, target) < 0 {
+                            libc::_exit(120);
+                        }
+                    }
+                    libc::execve(exe.as_ptr(), argv.as_ptr(), envp.as_ptr());
+                    libc::_exit(121);
+                }
+            }
+            if pid < 0 {
+                return Err(anyhow!(
+                    "clone into new namespaces: {}",
+                    std::io::Error::last_os_error()
+                ));
+            }
+            Ok(pid as i32)
+        })?;
+        drop((stdin, stdout, stderr, theirs));
+
+        let result = self.handshake(ours.as_raw_fd(), &rootfs, terminal, spec_json);
+        let tty_master = match result {
+            Ok(master) => master,
+            Err(e) => {
+                let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+                let exit = reaper::wait(pid);
+                reaper::forget(pid);
+                return Err(e.context(format!("container init exited: {exit:?}")));
+            }
+        };
+        let tty = match (tty_master, tty_stream) {
+            (Some(master), Some(stream)) => Some(tty::Relay::start(master, stream)?),
+            _ => None,
+        };
+        let container = Arc::new(Container {
+            pid,
+            control: Mutex::new(Some(ours)),
+            tty,
+        });
+        self.containers
+            .lock()
+            .map_err(|_| anyhow!("container table poisoned"))?
+            .insert(id.to_string(), container);
+        Ok(pid)
+    }
+
+    /// Sends the init its configuration and waits until it is ready (or failed).
+    fn handshake(
+        &self,
+        ctl: RawFd,
+        rootfs: &Path,
+        terminal: bool,
+        spec: &[u8],
+    ) -> Result<Option<OwnedFd>> {
+        send_msg(ctl, rootfs.as_os_str().as_encoded_bytes(), None)?;
+        send_msg(
+            ctl,
+            if terminal {
+                b"terminal"
+            } else {
+                b"no-terminal"
+            },
+            None,
+        )?;
+        send_msg(ctl, spec, None)?;
+        let mut master = None;
+        loop {
+            let (msg, fd) = recv_msg(ctl)?;
+            match msg.as_slice() {
+                b"ready" => return Ok(master),
+                b"pty" => master = fd,
+                b"" => bail!("the container init died while setting up"),
+                other => bail!(
+                    "{}",
+                    String::from_utf8_lossy(other).trim_start_matches("error: ")
+                ),
+            }
+        }
+    }
+
+    pub fn start(&self, id: &str) -> Result<()> {
+        let c = self.get(id)?;
+        let ctl = c
+            .control
+            .lock()
+            .map_err(|_| anyhow!("container poisoned"))?
+            .take()
+            .ok_or_else(|| anyhow!("container {id:?} was already started"))?;
+        send_msg(ctl.as_raw_fd(), b"start", None)?;
+        // The init's end is close-on-exec: EOF means the exec happened.
+        let (msg, _) = recv_msg(ctl.as_raw_fd())?;
+        if !msg.is_empty() {
+            bail!("{}", String::from_utf8_lossy(&msg));
+        }
+        Ok(())
+    }
+
+    fn pid_of(&self, id: &str, exec_id: &str) -> Result<(Arc<Container>, i32)> {
+        if !exec_id.is_empty() {
+            bail!("exec'd processes are not supported yet");
+        }
+        let c = self.get(id)?;
+        let pid = c.pid;
+        Ok((c, pid))
+    }
+
+    pub fn signal(&self, id: &str, exec_id: &str, signal: u32) -> Result<()> {
+        let (_, pid) = self.pid_of(id, exec_id)?;
+        let sig =
+            Signal::try_from(signal as i32).map_err(|_| anyhow!("signal {signal} is not valid"))?;
+        if reaper::try_exit(pid).is_some() {
+            return Ok(());
+        }
+        kill(Pid::from_raw(pid), sig).with_context(|| format!("sending {sig} to {id}"))?;
+        Ok(())
+    }
+
+    pub fn wait(&self, id: &str, exec_id: &str) -> Result<Exit> {
+        let (c, pid) = self.pid_of(id, exec_id)?;
+        let exit = reaper::wait(pid).ok_or_else(|| anyhow!("container {id:?} is not tracked"))?;
+        if let Some(tty) = &c.tty {
+            tty.drain();
+        }
+        Ok(exit)
+    }
+
+    pub fn close_stdin(&self, id: &str, exec_id: &str) -> Result<()> {
+        let (c, _) = self.pid_of(id, exec_id)?;
+        if let Some(tty) = &c.tty {
+            tty.send_eof()?;
+        }
+        Ok(())
+    }
+
+    pub fn resize_pty(&self, id: &str, exec_id: &str, rows: u32, cols: u32) -> Result<()> {
+        let (c, _) = self.pid_of(id, exec_id)?;
+        match &c.tty {
+            Some(tty) => tty.resize(rows, cols),
+            None => bail!("container {id:?} has no terminal"),
+        }
+    }
+
+    pub fn remove(&self, id: &str) -> Result<()> {
+        let c = self.get(id)?;
+        if reaper::try_exit(c.pid).is_none() {
+            let _ = kill(Pid::from_raw(c.pid), Signal::SIGKILL);
+            reaper::wait(c.pid);
+        }
+        reaper::forget(c.pid);
+        self.containers
+            .lock()
+            .map_err(|_| anyhow!("container table poisoned"))?
+            .remove(id);
+        Ok(())
+    }
+
+    pub fn remove_all(&self) {
+        let ids: Vec<String> = match self.containers.lock() {
+            Ok(t) => t.keys().cloned().collect(),
+            Err(_) => return,
+        };
+        for id in ids {
+            let _ = self.remove(&id);
+        }
+        let _ = std::io::stderr().flush();
+    }
+}

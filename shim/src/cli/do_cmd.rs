@@ -1,0 +1,403 @@
+//! `hull do [OPTIONS] IMAGE [--] [CMD...]`: run one command in a container in its own
+//! microVM, wire its stdio through, return its exit status; remove everything after.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use hull_protocol::agent::Stdio;
+use nix::sys::signal::{SigSet, SigmaskHow, Signal};
+
+use super::stdio::{self, RawMode};
+use crate::agent_client::ProcessExit;
+use crate::config::Config;
+use crate::image::{self, ImageConfig, ImageKind};
+use crate::sandbox::{Sandbox, SandboxSpec};
+use crate::spec::{self, ProcessSpec};
+use crate::user;
+
+pub const USAGE: &str = "usage: hull do [-e K=V]... [-w DIR] [--user U] [--cpus N] [--memory M] [-i] [-t] IMAGE [--] [CMD...]
+
+Runs CMD in a container made from IMAGE, inside its own microVM, and exits with its status
+(126/127 when CMD cannot be run, 128+N when a signal killed it). IMAGE is a rootfs
+directory or an OCI image layout (a directory or a .tar of one).
+
+  -e, --env K=V       set an environment variable (repeatable)
+  -w, --workdir DIR   working directory in the container
+  -u, --user U        NAME, UID, NAME:GROUP or UID:GID from the image's /etc/passwd
+      --cpus N        vCPUs of the VM
+  -m, --memory M      memory of the VM (e.g. 512m, 1g; default from the config)
+  -i, --interactive   pass stdin through
+  -t, --tty           give the container a terminal
+      --timings FILE  write the phase timings (JSON) to FILE";
+
+#[derive(Debug, Default)]
+pub struct DoOptions {
+    pub env: Vec<String>,
+    pub workdir: Option<String>,
+    pub user: Option<String>,
+    pub cpus: Option<u32>,
+    pub memory_mib: Option<u64>,
+    pub interactive: bool,
+    pub tty: bool,
+    pub timings: Option<PathBuf>,
+    pub image: PathBuf,
+    pub cmd: Vec<String>,
+}
+
+fn parse_memory(s: &str) -> Result<u64> {
+    let lower = s.to_ascii_lowercase();
+    let (num, mult) = match lower.trim_end_matches('b').chars().last() {
+        Some('k') => (
+            &lower[..lower.trim_end_matches('b').len() - 1],
+            1.0 / 1024.0,
+        ),
+        Some('m') => (&lower[..lower.trim_end_matches('b').len() - 1], 1.0),
+        Some('g') => (&lower[..lower.trim_end_matches('b').len() - 1], 1024.0),
+        _ => (lower.as_str(), 1.0 / (1024.0 * 1024.0)),
+    };
+    let n: f64 = num
+        .parse()
+        .map_err(|_| anyhow::anyhow!("--memory {s:?} is not a size: use e.g. 512m or 1g"))?;
+    let mib = (n * mult).ceil() as u64;
+    if mib < 64 {
+        bail!("--memory {s} is too small: a sandbox needs at least 64m");
+    }
+    Ok(mib)
+}
+
+pub fn parse_args(args: &[String]) -> Result<DoOptions> {
+    let mut o = DoOptions::default();
+    let mut it = args.iter().peekable();
+    let value =
+        |it: &mut std::iter::Peekable<std::slice::Iter<String>>, flag: &str| -> Result<String> {
+            it.next()
+                .cloned()
+                .with_context(|| format!("{flag} needs a value\n{USAGE}"))
+        };
+    let mut image = None;
+    while let Some(a) = it.next() {
+        if image.is_some() {
+            if a != "--" || !o.cmd.is_empty() {
+                o.cmd.push(a.clone());
+            }
+            continue;
+        }
+        let (flag, inline) = match a.split_once('=') {
+            Some((f, v)) if f.starts_with("--") => (f, Some(v.to_string())),
+            _ => (a.as_str(), None),
+        };
+        let take = |it: &mut std::iter::Peekable<std::slice::Iter<String>>| match inline.clone() {
+            Some(v) => Ok(v),
+            None => value(it, flag),
+        };
+        match flag {
+            "-e" | "--env" => o.env.push(take(&mut it)?),
+            "-w" | "--workdir" => o.workdir = Some(take(&mut it)?),
+            "-u" | "--user" => o.user = Some(take(&mut it)?),
+            "--cpus" => {
+                let v = take(&mut it)?;
+                let n: f64 = v
+                    .parse()
+                    .map_err(|_| anyhow::anyhow!("--cpus {v:?} is not a number"))?;
+                if !(n > 0.0 && n <= 64.0) {
+                    bail!("--cpus {v} is out of range: give 1 to 64");
+                }
+                o.cpus = Some(n.ceil() as u32);
+            }
+            "-m" | "--memory" => o.memory_mib = Some(parse_memory(&take(&mut it)?)?),
+            "-i" | "--interactive" => o.interactive = true,
+            "-t" | "--tty" => o.tty = true,
+            "-it" | "-ti" => {
+                o.interactive = true;
+                o.tty = true;
+            }
+            "--timings" => o.timings = Some(PathBuf::from(take(&mut it)?)),
+            "-h" | "--help" => bail!("{USAGE}"),
+            "--" => bail!("give IMAGE before --\n{USAGE}"),
+            f if f.starts_with('-') && f.len() > 1 => bail!("unknown option {f}\n{USAGE}"),
+            _ => image = Some(PathBuf::from(a)),
+        }
+    }
+    o.image = image.with_context(|| format!("no IMAGE given\n{USAGE}"))?;
+    for e in &o.env {
+        if !e.contains('=') || e.starts_with('=') {
+            bail!("-e {e:?} is not K=V");
+        }
+    }
+    Ok(o)
+}
+
+fn unique_id() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or_default();
+    format!("do-{}-{:08x}", std::process::id(), nanos)
+}
+
+/// The container's command: CMD from the command line replaces the image's Cmd.
+fn command(o: &DoOptions, cfg: &ImageConfig) -> Result<Vec<String>> {
+    let cmd = if o.cmd.is_empty() { &cfg.cmd } else { &o.cmd };
+    let full: Vec<String> = cfg.entrypoint.iter().chain(cmd).cloned().collect();
+    if full.is_empty() || full[0].is_empty() {
+        bail!("no command to run: give one after the image (hull do IMAGE -- CMD), or use an image with Cmd or Entrypoint");
+    }
+    Ok(full)
+}
+
+#[derive(Default, serde::Serialize)]
+struct Timings {
+    prepare_ms: f64,
+    vmm_started_ms: f64,
+    agent_ready_ms: f64,
+    container_created_ms: f64,
+    container_started_ms: f64,
+    exited_ms: f64,
+    cleaned_up_ms: f64,
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// Runs `hull do`; returns the exit status to exit with.
+pub fn run(config: &Config, o: DoOptions) -> Result<i32> {
+    let t0 = Instant::now();
+    let mut timings = Timings::default();
+    // Signals for the container are handled by one thread, so block them everywhere first.
+    let forwarded = [
+        Signal::SIGINT,
+        Signal::SIGTERM,
+        Signal::SIGHUP,
+        Signal::SIGQUIT,
+        Signal::SIGUSR1,
+        Signal::SIGUSR2,
+        Signal::SIGWINCH,
+    ];
+    let mut sigset = SigSet::empty();
+    for s in forwarded {
+        sigset.add(s);
+    }
+    nix::sys::signal::pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&sigset), None)
+        .context("blocking signals")?;
+
+    let kind = image::detect(&o.image)?;
+    // A command line that cannot work fails before anything is made.
+    if kind == ImageKind::RootfsDir && o.cmd.is_empty() {
+        command(&o, &ImageConfig::default())?;
+    }
+    let id = unique_id();
+    let cid = "c0";
+    let mut sandbox = Sandbox::new(
+        config,
+        SandboxSpec {
+            id: id.clone(),
+            vcpus: o.cpus.unwrap_or(config.default_vcpus),
+            memory_mib: o.memory_mib.unwrap_or(config.default_memory_mib),
+        },
+    )?;
+    let rel_rootfs = Path::new(cid).join("rootfs");
+    let (rootfs, image_config) = match kind {
+        ImageKind::RootfsDir => {
+            let abs = std::fs::canonicalize(&o.image)
+                .with_context(|| format!("resolving {}", o.image.display()))?;
+            (
+                sandbox.bind_into_share(&abs, &rel_rootfs)?,
+                ImageConfig::default(),
+            )
+        }
+        ImageKind::OciLayoutDir | ImageKind::OciLayoutTar => {
+            let rootfs = sandbox.shared_dir().join(&rel_rootfs);
+            let scratch = sandbox.dir().join("scratch");
+            std::fs::create_dir_all(&rootfs)?;
+            std::fs::create_dir_all(&scratch)?;
+            let cfg = image::unpack(&o.image, kind, &scratch, &rootfs)?;
+            let _ = std::fs::remove_dir_all(&scratch);
+            (rootfs, cfg)
+        }
+    };
+    let args = command(&o, &image_config)?;
+    let user_spec = o
+        .user
+        .clone()
+        .or_else(|| image_config.user.clone())
+        .unwrap_or_default();
+    let user = user::resolve(&rootfs, &user_spec)?;
+    let env = spec::environment(&image_config.env, &o.env, &user.home, o.tty);
+    let cwd = o
+        .workdir
+        .clone()
+        .or_else(|| image_config.working_dir.clone().filter(|w| !w.is_empty()))
+        .unwrap_or_else(|| "/".to_string());
+    if !cwd.starts_with('/') {
+        bail!("working directory {cwd:?} must be an absolute path");
+    }
+    let oci = spec::default_spec(
+        &rel_rootfs.display().to_string(),
+        "hull",
+        &ProcessSpec {
+            args: &args,
+            env: &env,
+            cwd: &cwd,
+            user: &user,
+            terminal: o.tty,
+        },
+    );
+    timings.prepare_ms = ms(t0.elapsed());
+
+    sandbox.boot()?;
+    timings.vmm_started_ms = ms(sandbox.times.vmm_started) + timings.prepare_ms;
+    timings.agent_ready_ms = ms(sandbox.times.agent_ready) + timings.prepare_ms;
+    tracing::info!("{}", sandbox.describe_backend());
+
+    let agent = sandbox.agent()?.clone();
+    let mut wiring = Stdio::new();
+    wiring.terminal = o.tty;
+    let (out_port, out_l) = sandbox.listen_port()?;
+    wiring.stdout_port = out_port;
+    let mut err_l = None;
+    let mut in_l = None;
+    if !o.tty {
+        let (p, l) = sandbox.listen_port()?;
+        wiring.stderr_port = p;
+        err_l = Some(l);
+        if o.interactive {
+            let (p, l) = sandbox.listen_port()?;
+            wiring.stdin_port = p;
+            in_l = Some(l);
+        }
+    }
+    let spec_bytes = serde_json::to_vec(&oci)?;
+    agent.create_container(cid, spec_bytes, wiring)?;
+    timings.container_created_ms = ms(t0.elapsed());
+
+    let mut outputs = Vec::new();
+    let mut raw = None;
+    let out = stdio::accept(&out_l).context("stdout stream")?;
+    if o.tty {
+        if o.interactive {
+            let to_guest = out.try_clone()?;
+            stdio::pump(std::io::stdin(), to_guest, "stdin");
+            raw = Some(RawMode::enter());
+        }
+        if let Some((rows, cols)) = stdio::terminal_size() {
+            let _ = agent.resize_pty(cid, "", rows, cols);
+        }
+        outputs.push(stdio::pump(out, std::io::stdout(), "stdout"));
+    } else {
+        outputs.push(stdio::pump(out, std::io::stdout(), "stdout"));
+        if let Some(l) = err_l {
+            let err = stdio::accept(&l).context("stderr stream")?;
+            outputs.push(stdio::pump(err, std::io::stderr(), "stderr"));
+        }
+        if let Some(l) = in_l {
+            let input = stdio::accept(&l).context("stdin stream")?;
+            // Dropping the stream at EOF of our stdin is the container's EOF.
+            stdio::pump(std::io::stdin(), input, "stdin");
+        }
+    }
+
+    {
+        let agent = agent.clone();
+        let tty = o.tty;
+        std::thread::Builder::new()
+            .name("signals".into())
+            .spawn(move || loop {
+                let Ok(sig) = sigset.wait() else { continue };
+                if sig == Signal::SIGWINCH {
+                    if tty {
+                        if let Some((rows, cols)) = stdio::terminal_size() {
+                            let _ = agent.resize_pty(cid, "", rows, cols);
+                        }
+                    }
+                    continue;
+                }
+                if let Err(e) = agent.signal(cid, "", sig as i32) {
+                    tracing::warn!("forwarding {sig}: {e}");
+                }
+            })?;
+    }
+
+    let start_error = agent.start_container(cid).err();
+    timings.container_started_ms = ms(t0.elapsed());
+    let exit = agent.wait(cid, "")?;
+    timings.exited_ms = ms(t0.elapsed());
+    for h in outputs {
+        let _ = h.join();
+    }
+    drop(raw);
+    if let Some(e) = start_error {
+        let _ = std::io::stdout().flush();
+        eprintln!("hull: {e}");
+    }
+    let _ = agent.remove_container(cid);
+    sandbox.shutdown();
+    timings.cleaned_up_ms = ms(t0.elapsed());
+    if let Some(path) = &o.timings {
+        std::fs::write(path, serde_json::to_vec_pretty(&timings)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(match exit {
+        ProcessExit::Code(c) => c,
+        s @ ProcessExit::Signal(_) => s.shell_status(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(a: &[&str]) -> Vec<String> {
+        a.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn options_stop_at_the_image() {
+        let o = parse_args(&args(&[
+            "-e",
+            "A=1",
+            "--user=hull",
+            "-it",
+            "img",
+            "sh",
+            "-c",
+            "echo -e",
+        ]))
+        .unwrap();
+        assert_eq!(o.env, vec!["A=1"]);
+        assert_eq!(o.user.as_deref(), Some("hull"));
+        assert!(o.interactive && o.tty);
+        assert_eq!(o.image, PathBuf::from("img"));
+        assert_eq!(o.cmd, vec!["sh", "-c", "echo -e"]);
+        let o = parse_args(&args(&["img", "--", "ls", "--", "-l"])).unwrap();
+        assert_eq!(o.cmd, vec!["ls", "--", "-l"]);
+    }
+
+    #[test]
+    fn bad_options_say_what_is_wrong() {
+        assert!(parse_args(&args(&["--bogus", "img"]))
+            .unwrap_err()
+            .to_string()
+            .starts_with("unknown option --bogus"));
+        assert!(parse_args(&args(&[]))
+            .unwrap_err()
+            .to_string()
+            .starts_with("no IMAGE given"));
+        assert!(parse_args(&args(&["-m", "1k", "img"]))
+            .unwrap_err()
+            .to_string()
+            .contains("too small"));
+        assert_eq!(
+            parse_args(&args(&["-m", "1g", "img"])).unwrap().memory_mib,
+            Some(1024)
+        );
+        assert_eq!(
+            parse_args(&args(&["--memory=512m", "img"]))
+                .unwrap()
+                .memory_mib,
+            Some(512)
+        );
+    }
+}

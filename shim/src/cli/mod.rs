@@ -1,0 +1,4 @@
+//! Command-line front ends.
+
+pub mod do_cmd;
+mod stdio;

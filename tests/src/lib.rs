@@ -1,0 +1,1 @@
+//! Shared scaffolding for the integration tests.
