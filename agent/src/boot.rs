@@ -16,7 +16,7 @@ pub fn run_as_init() -> ExitCode {
         // Returns only on failure.
         let e = switch_root_off_initramfs();
         eprintln!("hull-agent: fatal: leaving the initramfs: {e:#}");
-        return power_off();
+        power_off();
     }
     if let Err(e) = boot() {
         eprintln!("hull-agent: fatal: {e:#}");

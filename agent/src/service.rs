@@ -142,6 +142,8 @@ impl Agent for Service {
 
     fn shutdown(&self, _ctx: &TtrpcContext, _req: Empty) -> ttrpc::Result<Empty> {
         self.manager.remove_all();
+        // The host may kill the VM as soon as this call is answered.
+        nix::unistd::sync();
         let _ = self
             .shutdown
             .lock()

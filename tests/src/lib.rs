@@ -1,1 +1,165 @@
-//! Shared scaffolding for the integration tests.
+//! Shared scaffolding for the integration tests: where the built `hull` and the test
+//! image are, running `hull do`, and checking that a run left nothing behind.
+//!
+//! The tests boot real microVMs (QEMU microvm with our guest kernel and agent), so they
+//! need the README's set-up (`scripts/setup.sh`, which `scripts/test.sh` runs first).
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+/// The `hull` binary under test: `$HULL_BIN`, else the workspace's release build.
+pub fn hull_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("HULL_BIN") {
+        return PathBuf::from(p);
+    }
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/hull");
+    assert!(
+        p.exists(),
+        "{} is missing: run scripts/test.sh (it builds it)",
+        p.display()
+    );
+    p
+}
+
+/// The busybox image the set-up builds: `rootfs/`, `oci/`, `busybox-oci.tar`.
+pub fn busybox() -> PathBuf {
+    let p = PathBuf::from(
+        std::env::var("HULL_IMAGE_DIR").unwrap_or_else(|_| "/var/lib/hull/images/busybox".into()),
+    );
+    assert!(
+        p.join("rootfs/bin/busybox").exists(),
+        "{} is missing: run scripts/setup.sh",
+        p.display()
+    );
+    p
+}
+
+pub fn run_root() -> PathBuf {
+    PathBuf::from("/run/hull")
+}
+
+/// A scratch directory for one test, removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(name: &str) -> TempDir {
+        let p = std::env::temp_dir().join(format!("hull-test-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).expect("creating a test directory");
+        TempDir(p)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A private, writable copy of the busybox rootfs.
+pub fn rootfs_copy(dir: &TempDir) -> PathBuf {
+    let dest = dir.path().join("rootfs");
+    let ok = Command::new("cp")
+        .args(["-a"])
+        .arg(busybox().join("rootfs"))
+        .arg(&dest)
+        .status()
+        .expect("running cp")
+        .success();
+    assert!(ok, "copying the busybox rootfs");
+    dest
+}
+
+/// The result of one `hull do`, with the pid the run had (sandbox ids contain it).
+pub struct Run {
+    pub pid: u32,
+    pub output: Output,
+}
+
+impl Run {
+    pub fn code(&self) -> i32 {
+        self.output.status.code().unwrap_or(-1)
+    }
+    pub fn stdout(&self) -> String {
+        String::from_utf8_lossy(&self.output.stdout).into_owned()
+    }
+    pub fn stderr(&self) -> String {
+        String::from_utf8_lossy(&self.output.stderr).into_owned()
+    }
+}
+
+/// Runs `hull [global] do ARGS`, feeding `stdin` if given, and asserts it left nothing.
+pub fn hull_do_with(global: &[&str], args: &[&str], stdin: Option<&[u8]>) -> Run {
+    let mut cmd = Command::new(hull_bin());
+    cmd.args(global)
+        .arg("do")
+        .args(args)
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("starting hull");
+    let pid = child.id();
+    if let Some(input) = stdin {
+        let mut s = child.stdin.take().expect("stdin");
+        s.write_all(input).expect("writing stdin");
+    }
+    let output = child.wait_with_output().expect("waiting for hull");
+    assert_nothing_left(pid);
+    Run { pid, output }
+}
+
+pub fn hull_do(args: &[&str]) -> Run {
+    hull_do_with(&[], args, None)
+}
+
+/// No sandbox directory, process, mount or socket of the `hull` run with `pid` remains.
+pub fn assert_nothing_left(pid: u32) {
+    let prefix = format!("do-{pid}-");
+    let sandbox_path = format!("{}/{prefix}", run_root().display());
+    if let Ok(entries) = std::fs::read_dir(run_root()) {
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            assert!(
+                !name.starts_with(&prefix),
+                "sandbox directory {} was left behind",
+                e.path().display()
+            );
+        }
+    }
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    assert!(
+        !mounts.contains(&sandbox_path),
+        "a mount under {sandbox_path} was left behind"
+    );
+    for e in std::fs::read_dir("/proc").expect("reading /proc").flatten() {
+        if !e
+            .file_name()
+            .to_string_lossy()
+            .bytes()
+            .all(|b| b.is_ascii_digit())
+        {
+            continue;
+        }
+        let cmdline = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        assert!(
+            !cmdline.contains(&sandbox_path),
+            "process {} was left behind: {cmdline}",
+            e.file_name().to_string_lossy()
+        );
+    }
+    let unix = std::fs::read_to_string("/proc/net/unix").unwrap_or_default();
+    assert!(
+        !unix.contains(&sandbox_path),
+        "a socket under {sandbox_path} was left behind"
+    );
+}

@@ -185,7 +185,7 @@ impl Manager {
         }
         let spec: Spec = serde_json::from_slice(spec_json).context("parsing the OCI spec")?;
         let process = spec.process().as_ref().context("the spec has no process")?;
-        if process.args().as_ref().map_or(true, |a| a.is_empty()) {
+        if process.args().as_ref().is_none_or(|a| a.is_empty()) {
             bail!("the spec's process has no args: give a command to run");
         }
         let rootfs = rootfs_path(&spec)?;
