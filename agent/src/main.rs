@@ -18,6 +18,7 @@ fn main() -> ExitCode {
     let _argv0 = args.next();
     match args.next().as_deref() {
         Some(container::init::ARG) => container::init::run(),
+        Some(container::exec::ARG) => container::exec::run(),
         _ => {
             if std::process::id() != 1 {
                 eprintln!(

@@ -97,6 +97,13 @@ pub fn spawn_tracked<E>(spawn: impl FnOnce() -> Result<i32, E>) -> Result<i32, E
     Ok(pid)
 }
 
+/// Tracks `pid`, a child that cannot exit before it is told to (an exec'd process).
+pub fn track(pid: i32) {
+    if let Some(table) = lock().as_mut() {
+        table.procs.entry(pid).or_insert(None);
+    }
+}
+
 /// Waits until tracked `pid` has exited. `None`: not tracked.
 pub fn wait(pid: i32) -> Option<Exit> {
     let mut guard = lock();

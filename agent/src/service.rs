@@ -5,8 +5,8 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, Result};
 use hull_protocol::agent::{
-    ContainerRequest, CreateContainerRequest, CreateContainerResponse, Empty, ProcessRequest,
-    ResizePtyRequest, SignalProcessRequest, VersionResponse, WaitProcessResponse,
+    ContainerRequest, CreateContainerRequest, CreateContainerResponse, Empty, ExecProcessRequest,
+    ProcessRequest, ResizePtyRequest, SignalProcessRequest, VersionResponse, WaitProcessResponse,
 };
 use hull_protocol::agent_ttrpc::{create_agent, Agent};
 use hull_protocol::{AGENT_PORT, PROTOCOL_VERSION};
@@ -87,6 +87,18 @@ impl Agent for Service {
 
     fn start_container(&self, _ctx: &TtrpcContext, req: ContainerRequest) -> ttrpc::Result<Empty> {
         self.manager.start(&req.container_id).map_err(failed)?;
+        Ok(Empty::new())
+    }
+
+    fn exec_process(&self, _ctx: &TtrpcContext, req: ExecProcessRequest) -> ttrpc::Result<Empty> {
+        self.manager
+            .exec(
+                &req.container_id,
+                &req.exec_id,
+                &req.process,
+                stdio_ports(req.stdio.as_ref()),
+            )
+            .map_err(failed)?;
         Ok(Empty::new())
     }
 

@@ -4,8 +4,8 @@ use std::os::fd::IntoRawFd;
 use std::time::Duration;
 
 use hull_protocol::agent::{
-    ContainerRequest, CreateContainerRequest, Empty, ProcessRequest, ResizePtyRequest,
-    SignalProcessRequest, Stdio,
+    ContainerRequest, CreateContainerRequest, Empty, ExecProcessRequest, ProcessRequest,
+    ResizePtyRequest, SignalProcessRequest, Stdio,
 };
 use hull_protocol::agent_ttrpc;
 use thiserror::Error;
@@ -97,6 +97,27 @@ impl AgentClient {
             .start_container(ctx(Some(CALL_TIMEOUT)), &req)
             .map(|_| ())
             .map_err(|e| call_error("start", e))
+    }
+
+    /// Starts `process` (the OCI process object, JSON) in running container `id`.
+    pub fn exec(
+        &self,
+        id: &str,
+        exec_id: &str,
+        process: Vec<u8>,
+        stdio: Stdio,
+    ) -> Result<(), AgentError> {
+        let req = ExecProcessRequest {
+            container_id: id.to_string(),
+            exec_id: exec_id.to_string(),
+            process,
+            stdio: protobuf::MessageField::some(stdio),
+            ..Default::default()
+        };
+        self.inner
+            .exec_process(ctx(Some(CALL_TIMEOUT)), &req)
+            .map(|_| ())
+            .map_err(|e| call_error("exec", e))
     }
 
     pub fn signal(&self, id: &str, exec_id: &str, signal: i32) -> Result<(), AgentError> {

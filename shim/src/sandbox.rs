@@ -14,7 +14,7 @@ use thiserror::Error;
 
 use crate::agent_client::{AgentClient, AgentError};
 use crate::config::Config;
-use crate::hypervisor::qemu::{die_with_parent, Qemu};
+use crate::hypervisor::qemu::{die_with_parent, kill_group, Qemu};
 use crate::hypervisor::{Hypervisor, HypervisorError, VmConfig};
 use crate::vsock::HybridVsock;
 
@@ -380,8 +380,7 @@ impl Sandbox {
         self.ready = None;
         self.vmm.stop();
         for (_, child) in self.helpers.iter_mut() {
-            let _ = child.kill();
-            let _ = child.wait();
+            kill_group(child);
         }
         for target in self.binds.drain(..).rev() {
             if let Err(e) = nix::mount::umount2(&target, nix::mount::MntFlags::MNT_DETACH) {

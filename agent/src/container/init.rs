@@ -37,28 +37,33 @@ pub fn run() -> ExitCode {
         CONTROL_FD,
         nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
     );
-    let prepared = match setup(ctl.as_raw_fd()) {
+    let prepared = setup(ctl.as_raw_fd());
+    finish(ctl.as_raw_fd(), prepared)
+}
+
+/// Reports ready (or the setup error), waits for start, execs. Shared with exec'd processes.
+pub(super) fn finish(ctl: RawFd, prepared: Result<Prepared>) -> ExitCode {
+    let prepared = match prepared {
         Ok(p) => p,
         Err(e) => {
-            let _ = send_msg(ctl.as_raw_fd(), format!("error: {e:#}").as_bytes(), None);
+            let _ = send_msg(ctl, format!("error: {e:#}").as_bytes(), None);
             return ExitCode::from(1);
         }
     };
-    if send_msg(ctl.as_raw_fd(), b"ready", None).is_err() {
+    if send_msg(ctl, b"ready", None).is_err() {
         return ExitCode::from(1);
     }
-    match recv_msg(ctl.as_raw_fd()) {
+    match recv_msg(ctl) {
         Ok((msg, _)) if msg == b"start" => {}
         // The container was removed before it started.
         _ => return ExitCode::SUCCESS,
     }
     let (code, message) = exec(&prepared);
-    let _ = send_msg(ctl.as_raw_fd(), message.as_bytes(), None);
-    eprintln!("hull: {message}");
+    let _ = send_msg(ctl, message.as_bytes(), None);
     ExitCode::from(code)
 }
 
-struct Prepared {
+pub(super) struct Prepared {
     args: Vec<CString>,
     env: Vec<CString>,
     path_var: String,
@@ -135,7 +140,11 @@ fn setup(ctl: RawFd) -> Result<Prepared> {
         open_terminal(ctl)?;
     }
     apply_process(process)?;
+    prepare(process)
+}
 
+/// The process's argv, env and PATH as exec needs them.
+pub(super) fn prepare(process: &Process) -> Result<Prepared> {
     let args = process.args().clone().unwrap_or_default();
     let env = process.env().clone().unwrap_or_default();
     let path_var = env
@@ -220,7 +229,7 @@ fn readonly_path(path: &Path) -> Result<()> {
 
 /// Opens a pty in the container's own devpts, hands the master to the agent and makes the
 /// slave this process's controlling terminal and stdio.
-fn open_terminal(ctl: RawFd) -> Result<()> {
+pub(super) fn open_terminal(ctl: RawFd) -> Result<()> {
     use nix::fcntl::OFlag;
     let master = nix::pty::posix_openpt(OFlag::O_RDWR | OFlag::O_NOCTTY | OFlag::O_CLOEXEC)
         .context("opening /dev/ptmx")?;
@@ -246,7 +255,7 @@ fn open_terminal(ctl: RawFd) -> Result<()> {
 }
 
 /// rlimits, oom score, user, capabilities, no_new_privs, umask, cwd: in runc's order.
-fn apply_process(process: &Process) -> Result<()> {
+pub(super) fn apply_process(process: &Process) -> Result<()> {
     for r in process.rlimits().as_deref().unwrap_or_default() {
         let name = serde_json::to_value(r.typ())?;
         let resource = rlimit_resource(name.as_str().unwrap_or_default())?;

@@ -2,6 +2,7 @@
 //! the container init), start, signal, wait, remove.
 
 pub mod caps;
+pub mod exec;
 pub mod init;
 pub mod mounts;
 mod tty;
@@ -38,11 +39,17 @@ pub struct StdioPorts {
     pub terminal: bool,
 }
 
-struct Container {
+/// A process the agent started in a container: its init or an exec'd one.
+struct Proc {
     pid: i32,
-    /// The agent's end of the control socket with the container init; gone once started.
+    /// The agent's end of the control socket with the process; gone once started.
     control: Mutex<Option<OwnedFd>>,
     tty: Option<tty::Relay>,
+}
+
+struct Container {
+    init: Arc<Proc>,
+    execs: Mutex<HashMap<String, Arc<Proc>>>,
 }
 
 #[derive(Default)]
@@ -195,101 +202,21 @@ impl Manager {
             bail!("process.terminal and the stdio request disagree");
         }
 
-        // The child's stdio: the vsock streams, or /dev/null where the init will put a pty.
-        let (stdin, stdout, stderr, tty_stream) = if terminal {
-            let null = open_stdio(0)?;
-            (
-                null.try_clone()?,
-                null.try_clone()?,
-                null,
-                Some(open_stdio(stdio.stdout)?),
-            )
-        } else {
-            (
-                open_stdio(stdio.stdin)?,
-                open_stdio(stdio.stdout)?,
-                open_stdio(stdio.stderr)?,
-                None,
-            )
-        };
-        let (ours, theirs) = socketpair(
-            AddressFamily::Unix,
-            SockType::SeqPacket,
+        let (stdio_fds, tty_stream) = open_process_stdio(&stdio)?;
+        let (pid, ours) = spawn_helper(flags, init::ARG, stdio_fds)?;
+        let result = self.handshake(
+            ours.as_raw_fd(),
+            &[
+                rootfs.as_os_str().as_encoded_bytes(),
+                terminal_flag(terminal),
+                spec_json,
+            ],
             None,
-            SockFlag::SOCK_CLOEXEC,
-        )
-        .context("creating the control socket")?;
-        // SAFETY: socketpair just returned these descriptors and nothing else owns them.
-        let (ours, theirs) = unsafe { (OwnedFd::from_raw_fd(ours), OwnedFd::from_raw_fd(theirs)) };
-
-        let exe = CString::new("/proc/self/exe")?;
-        let argv0 = CString::new("hull-agent")?;
-        let argv1 = CString::new(init::ARG)?;
-        let argv = [argv0.as_ptr(), argv1.as_ptr(), std::ptr::null()];
-        let envp = [std::ptr::null::<libc::c_char>()];
-        let fds = [
-            stdin.as_raw_fd(),
-            stdout.as_raw_fd(),
-            stderr.as_raw_fd(),
-            theirs.as_raw_fd(),
-        ];
-
-        let pid = reaper::spawn_tracked(|| {
-            // SAFETY: a fork-like clone (no CLONE_VM, no new stack). The child runs only
-            // async-signal-safe calls (dup2, fcntl, execve, _exit) on memory prepared above.
-            let pid = unsafe {
-                libc::syscall(
-                    libc::SYS_clone,
-                    (flags | libc::SIGCHLD) as libc::c_ulong,
-                    0,
-                    0,
-                    0,
-                    0,
-                )
-            };
-            if pid == 0 {
-                // SAFETY: as above; the child never returns from this block.
-                unsafe {
-                    for (target, fd) in fds.iter().enumerate() {
-                        let target = target as RawFd;
-                        if *fd == target {
-                            libc::fcntl(target, libc::F_SETFD, 0);
-                        } else if libc::dup2(*fd, target) < 0 {
-                            libc::_exit(120);
-                        }
-                    }
-                    libc::execve(exe.as_ptr(), argv.as_ptr(), envp.as_ptr());
-                    libc::_exit(121);
-                }
-            }
-            if pid < 0 {
-                return Err(anyhow!(
-                    "clone into new namespaces: {}",
-                    std::io::Error::last_os_error()
-                ));
-            }
-            Ok(pid as i32)
-        })?;
-        drop((stdin, stdout, stderr, theirs));
-
-        let result = self.handshake(ours.as_raw_fd(), &rootfs, terminal, spec_json);
-        let tty_master = match result {
-            Ok(master) => master,
-            Err(e) => {
-                let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
-                let exit = reaper::wait(pid);
-                reaper::forget(pid);
-                return Err(e.context(format!("container init exited: {exit:?}")));
-            }
-        };
-        let tty = match (tty_master, tty_stream) {
-            (Some(master), Some(stream)) => Some(tty::Relay::start(master, stream)?),
-            _ => None,
-        };
+        );
+        let proc_ = finish_spawn(pid, ours, result, tty_stream)?;
         let container = Arc::new(Container {
-            pid,
-            control: Mutex::new(Some(ours)),
-            tty,
+            init: Arc::new(proc_),
+            execs: Mutex::new(HashMap::new()),
         });
         self.containers
             .lock()
@@ -298,68 +225,123 @@ impl Manager {
         Ok(pid)
     }
 
-    /// Sends the init its configuration and waits until it is ready (or failed).
+    /// Starts `process` (OCI process JSON) in the running container `id`.
+    pub fn exec(
+        &self,
+        id: &str,
+        exec_id: &str,
+        process_json: &[u8],
+        stdio: StdioPorts,
+    ) -> Result<()> {
+        check_id(exec_id)?;
+        let c = self.get(id)?;
+        if reaper::try_exit(c.init.pid).is_some() {
+            bail!("container {id:?} is not running");
+        }
+        if c.execs
+            .lock()
+            .map_err(|_| anyhow!("poisoned"))?
+            .contains_key(exec_id)
+        {
+            bail!("exec {exec_id:?} already exists in container {id:?}");
+        }
+        if process_json.len() > MAX_MESSAGE {
+            bail!(
+                "the exec process is {} bytes; at most {MAX_MESSAGE} are accepted",
+                process_json.len()
+            );
+        }
+        let process: oci_spec::runtime::Process =
+            serde_json::from_slice(process_json).context("parsing the exec process")?;
+        let terminal = process.terminal().unwrap_or(false);
+        if terminal != stdio.terminal {
+            bail!("process.terminal and the stdio request disagree");
+        }
+        let (stdio_fds, tty_stream) = open_process_stdio(&stdio)?;
+        let (helper, ours) = spawn_helper(0, exec::ARG, stdio_fds)?;
+        let pid_msg = c.init.pid.to_string();
+        let result = self.handshake(
+            ours.as_raw_fd(),
+            &[pid_msg.as_bytes(), terminal_flag(terminal), process_json],
+            Some(helper),
+        );
+        // The helper's own exit does not matter; the exec'd process is the agent's child.
+        reaper::wait(helper);
+        reaper::forget(helper);
+        let (pid, master) = match result {
+            Ok((Some(pid), master)) => (pid, master),
+            Ok((None, _)) => bail!("the exec helper did not report a pid"),
+            Err(e) => return Err(e),
+        };
+        let proc_ = finish_spawn(pid, ours, Ok((None, master)), tty_stream)?;
+        let proc_ = Arc::new(proc_);
+        c.execs
+            .lock()
+            .map_err(|_| anyhow!("poisoned"))?
+            .insert(exec_id.to_string(), proc_.clone());
+        if let Err(e) = start_proc(&proc_) {
+            let _ = reaper::wait(pid);
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Sends the helper its messages and waits until the process is ready (or failed).
+    /// For an exec, also returns the pid the helper reported (then tracked).
     fn handshake(
         &self,
         ctl: RawFd,
-        rootfs: &Path,
-        terminal: bool,
-        spec: &[u8],
-    ) -> Result<Option<OwnedFd>> {
-        send_msg(ctl, rootfs.as_os_str().as_encoded_bytes(), None)?;
-        send_msg(
-            ctl,
-            if terminal {
-                b"terminal"
-            } else {
-                b"no-terminal"
-            },
-            None,
-        )?;
-        send_msg(ctl, spec, None)?;
+        msgs: &[&[u8]],
+        exec_helper: Option<i32>,
+    ) -> Result<(Option<i32>, Option<OwnedFd>)> {
+        for m in msgs {
+            send_msg(ctl, m, None)?;
+        }
         let mut master = None;
+        let mut pid = None;
         loop {
             let (msg, fd) = recv_msg(ctl)?;
             match msg.as_slice() {
-                b"ready" => return Ok(master),
+                b"ready" => return Ok((pid, master)),
                 b"pty" => master = fd,
-                b"" => bail!("the container init died while setting up"),
-                other => bail!(
-                    "{}",
-                    String::from_utf8_lossy(other).trim_start_matches("error: ")
-                ),
+                b"" => bail!("the container process died while setting up"),
+                m if exec_helper.is_some() && pid.is_none() && m.starts_with(b"pid ") => {
+                    let p = exec::parse_pid(m).context("a malformed pid from the exec helper")?;
+                    reaper::track(p);
+                    pid = Some(p);
+                }
+                other => {
+                    if let Some(p) = pid {
+                        reaper::wait(p);
+                        reaper::forget(p);
+                    }
+                    bail!(
+                        "{}",
+                        String::from_utf8_lossy(other).trim_start_matches("error: ")
+                    )
+                }
             }
         }
     }
 
     pub fn start(&self, id: &str) -> Result<()> {
-        let c = self.get(id)?;
-        let ctl = c
-            .control
-            .lock()
-            .map_err(|_| anyhow!("container poisoned"))?
-            .take()
-            .ok_or_else(|| anyhow!("container {id:?} was already started"))?;
-        send_msg(ctl.as_raw_fd(), b"start", None)?;
-        // The init's end is close-on-exec: EOF means the exec happened.
-        let (msg, _) = recv_msg(ctl.as_raw_fd())?;
-        if !msg.is_empty() {
-            bail!("{}", String::from_utf8_lossy(&msg));
-        }
-        Ok(())
+        start_proc(&self.get(id)?.init)
     }
 
-    fn pid_of(&self, id: &str, exec_id: &str) -> Result<(Arc<Container>, i32)> {
-        if !exec_id.is_empty() {
-            bail!("exec'd processes are not supported yet");
-        }
+    fn proc_of(&self, id: &str, exec_id: &str) -> Result<Arc<Proc>> {
         let c = self.get(id)?;
-        let pid = c.pid;
-        Ok((c, pid))
+        if exec_id.is_empty() {
+            return Ok(c.init.clone());
+        }
+        let execs = c.execs.lock().map_err(|_| anyhow!("poisoned"))?;
+        execs
+            .get(exec_id)
+            .cloned()
+            .ok_or_else(|| anyhow!("no exec {exec_id:?} in container {id:?}"))
     }
 
     pub fn signal(&self, id: &str, exec_id: &str, signal: u32) -> Result<()> {
-        let (_, pid) = self.pid_of(id, exec_id)?;
+        let pid = self.proc_of(id, exec_id)?.pid;
         let sig =
             Signal::try_from(signal as i32).map_err(|_| anyhow!("signal {signal} is not valid"))?;
         if reaper::try_exit(pid).is_some() {
@@ -370,7 +352,8 @@ impl Manager {
     }
 
     pub fn wait(&self, id: &str, exec_id: &str) -> Result<Exit> {
-        let (c, pid) = self.pid_of(id, exec_id)?;
+        let c = self.proc_of(id, exec_id)?;
+        let pid = c.pid;
         let exit = reaper::wait(pid).ok_or_else(|| anyhow!("container {id:?} is not tracked"))?;
         if let Some(tty) = &c.tty {
             tty.drain();
@@ -379,7 +362,7 @@ impl Manager {
     }
 
     pub fn close_stdin(&self, id: &str, exec_id: &str) -> Result<()> {
-        let (c, _) = self.pid_of(id, exec_id)?;
+        let c = self.proc_of(id, exec_id)?;
         if let Some(tty) = &c.tty {
             tty.send_eof()?;
         }
@@ -387,7 +370,7 @@ impl Manager {
     }
 
     pub fn resize_pty(&self, id: &str, exec_id: &str, rows: u32, cols: u32) -> Result<()> {
-        let (c, _) = self.pid_of(id, exec_id)?;
+        let c = self.proc_of(id, exec_id)?;
         match &c.tty {
             Some(tty) => tty.resize(rows, cols),
             None => bail!("container {id:?} has no terminal"),
@@ -396,11 +379,21 @@ impl Manager {
 
     pub fn remove(&self, id: &str) -> Result<()> {
         let c = self.get(id)?;
-        if reaper::try_exit(c.pid).is_none() {
-            let _ = kill(Pid::from_raw(c.pid), Signal::SIGKILL);
-            reaper::wait(c.pid);
+        let execs: Vec<Arc<Proc>> = c
+            .execs
+            .lock()
+            .map(|e| e.values().cloned().collect())
+            .unwrap_or_default();
+        // Killing the init kills its pid namespace, execs included; reap them all.
+        for p in std::iter::once(&c.init).chain(execs.iter()) {
+            if reaper::try_exit(p.pid).is_none() {
+                let _ = kill(Pid::from_raw(p.pid), Signal::SIGKILL);
+            }
         }
-        reaper::forget(c.pid);
+        for p in std::iter::once(&c.init).chain(execs.iter()) {
+            reaper::wait(p.pid);
+            reaper::forget(p.pid);
+        }
         self.containers
             .lock()
             .map_err(|_| anyhow!("container table poisoned"))?
@@ -418,4 +411,138 @@ impl Manager {
         }
         let _ = std::io::stderr().flush();
     }
+}
+
+fn terminal_flag(terminal: bool) -> &'static [u8] {
+    if terminal {
+        b"terminal"
+    } else {
+        b"no-terminal"
+    }
+}
+
+/// The process's stdio: the vsock streams, or /dev/null where its setup puts a pty (then
+/// the one terminal stream is returned for the relay).
+fn open_process_stdio(stdio: &StdioPorts) -> Result<([OwnedFd; 3], Option<OwnedFd>)> {
+    if stdio.terminal {
+        let null = open_stdio(0)?;
+        Ok((
+            [null.try_clone()?, null.try_clone()?, null],
+            Some(open_stdio(stdio.stdout)?),
+        ))
+    } else {
+        Ok((
+            [
+                open_stdio(stdio.stdin)?,
+                open_stdio(stdio.stdout)?,
+                open_stdio(stdio.stderr)?,
+            ],
+            None,
+        ))
+    }
+}
+
+/// Clones a child (into new namespaces per `flags`) that re-execs hull-agent as `arg`,
+/// with `stdio` on fds 0-2 and the control socket on fd 3. Returns its pid (tracked) and
+/// the agent's end of the control socket.
+fn spawn_helper(flags: libc::c_int, arg: &str, stdio: [OwnedFd; 3]) -> Result<(i32, OwnedFd)> {
+    let (ours, theirs) = socketpair(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        None,
+        SockFlag::SOCK_CLOEXEC,
+    )
+    .context("creating the control socket")?;
+    // SAFETY: socketpair just returned these descriptors and nothing else owns them.
+    let (ours, theirs) = unsafe { (OwnedFd::from_raw_fd(ours), OwnedFd::from_raw_fd(theirs)) };
+    let exe = CString::new("/proc/self/exe")?;
+    let argv0 = CString::new("hull-agent")?;
+    let argv1 = CString::new(arg)?;
+    let argv = [argv0.as_ptr(), argv1.as_ptr(), std::ptr::null()];
+    let envp = [std::ptr::null::<libc::c_char>()];
+    let fds = [
+        stdio[0].as_raw_fd(),
+        stdio[1].as_raw_fd(),
+        stdio[2].as_raw_fd(),
+        theirs.as_raw_fd(),
+    ];
+    let pid = reaper::spawn_tracked(|| {
+        // SAFETY: a fork-like clone (no CLONE_VM, no new stack). The child runs only
+        // async-signal-safe calls (dup2, fcntl, execve, _exit) on memory prepared above.
+        let pid = unsafe {
+            libc::syscall(
+                libc::SYS_clone,
+                (flags | libc::SIGCHLD) as libc::c_ulong,
+                0,
+                0,
+                0,
+                0,
+            )
+        };
+        if pid == 0 {
+            // SAFETY: as above; the child never returns from this block.
+            unsafe {
+                for (target, fd) in fds.iter().enumerate() {
+                    let target = target as RawFd;
+                    if *fd == target {
+                        libc::fcntl(target, libc::F_SETFD, 0);
+                    } else if libc::dup2(*fd, target) < 0 {
+                        libc::_exit(120);
+                    }
+                }
+                libc::execve(exe.as_ptr(), argv.as_ptr(), envp.as_ptr());
+                libc::_exit(121);
+            }
+        }
+        if pid < 0 {
+            return Err(anyhow!("clone: {}", std::io::Error::last_os_error()));
+        }
+        Ok(pid as i32)
+    })?;
+    drop((stdio, theirs));
+    Ok((pid, ours))
+}
+
+/// Turns a handshake's outcome into a `Proc`, killing the process on failure.
+fn finish_spawn(
+    pid: i32,
+    ctl: OwnedFd,
+    result: Result<(Option<i32>, Option<OwnedFd>)>,
+    tty_stream: Option<OwnedFd>,
+) -> Result<Proc> {
+    let master = match result {
+        Ok((_, master)) => master,
+        Err(e) => {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+            let exit = reaper::wait(pid);
+            reaper::forget(pid);
+            return Err(e.context(format!("container process exited: {exit:?}")));
+        }
+    };
+    let tty = match (master, tty_stream) {
+        (Some(master), Some(stream)) => Some(tty::Relay::start(master, stream)?),
+        _ => None,
+    };
+    Ok(Proc {
+        pid,
+        control: Mutex::new(Some(ctl)),
+        tty,
+    })
+}
+
+/// Lets a ready process exec; an answer before EOF is the exec's failure.
+fn start_proc(p: &Proc) -> Result<()> {
+    let ctl = p
+        .control
+        .lock()
+        .map_err(|_| anyhow!("process poisoned"))?
+        .take()
+        .ok_or_else(|| anyhow!("the process was already started"))?;
+    send_msg(ctl.as_raw_fd(), b"start", None)?;
+    // The process's end is close-on-exec: EOF means the exec happened.
+    let (msg, _) = recv_msg(ctl.as_raw_fd())?;
+    if !msg.is_empty() {
+        bail!("{}", String::from_utf8_lossy(&msg));
+    }
+    Ok(())
 }

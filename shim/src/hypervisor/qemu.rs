@@ -76,8 +76,10 @@ impl Qemu {
     }
 }
 
-/// Makes a helper process die with the process that started it.
+/// Makes a helper process die with the process that started it, in a process group of its
+/// own (so that `kill_group` also reaches what it forks, as virtiofsd's sandbox does).
 pub(crate) fn die_with_parent(cmd: &mut Command) {
+    cmd.process_group(0);
     // SAFETY: the closure runs between fork and exec and calls only prctl.
     unsafe {
         cmd.pre_exec(|| {
@@ -125,12 +127,25 @@ impl Hypervisor for Qemu {
 
     fn stop(&mut self) {
         if let Some(c) = self.child.as_mut() {
-            let _ = c.kill();
-            let _ = c.wait();
+            kill_group(c);
         }
     }
 
     fn describe(&self) -> String {
         format!("QEMU microvm with {}", self.why)
     }
+}
+
+/// Kills the process group led by `child` and waits (up to 2 s) until none of it is left.
+pub(crate) fn kill_group(child: &mut Child) {
+    let pgid = nix::unistd::Pid::from_raw(child.id() as i32);
+    let _ = nix::sys::signal::killpg(pgid, nix::sys::signal::Signal::SIGKILL);
+    let _ = child.wait();
+    for _ in 0..400 {
+        if nix::sys::signal::killpg(pgid, None).is_err() {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    tracing::warn!("processes of group {pgid} outlived SIGKILL for 2 s");
 }
