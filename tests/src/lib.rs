@@ -135,11 +135,16 @@ pub fn assert_nothing_left(pid: u32) {
             );
         }
     }
-    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    assert!(
-        !mounts.contains(&sandbox_path),
-        "a mount under {sandbox_path} was left behind"
-    );
+    for (what, table) in [
+        ("a mount", "/proc/self/mountinfo"),
+        ("a socket", "/proc/net/unix"),
+    ] {
+        let text = std::fs::read_to_string(table).unwrap_or_default();
+        assert!(
+            !text.contains(&sandbox_path),
+            "{what} under {sandbox_path} was left behind"
+        );
+    }
     for e in std::fs::read_dir("/proc").expect("reading /proc").flatten() {
         if !e
             .file_name()
@@ -157,9 +162,4 @@ pub fn assert_nothing_left(pid: u32) {
             e.file_name().to_string_lossy()
         );
     }
-    let unix = std::fs::read_to_string("/proc/net/unix").unwrap_or_default();
-    assert!(
-        !unix.contains(&sandbox_path),
-        "a socket under {sandbox_path} was left behind"
-    );
 }

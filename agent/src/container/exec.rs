@@ -4,31 +4,24 @@
 
 use std::ffi::OsStr;
 use std::fs::File;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
 use oci_spec::runtime::Process;
 
-use super::init::{apply_process, finish, open_terminal, prepare};
+use super::init::{apply_process, finish, open_terminal, prepare, take_control_fd};
 use super::{recv_msg, send_msg};
 
 /// The argument that makes hull-agent the exec helper.
 pub const ARG: &str = "container-exec";
 
-const CONTROL_FD: RawFd = 3;
-
 /// Namespaces joined, the mount namespace last (it changes what /proc paths mean).
 const NAMESPACES: [&str; 6] = ["ipc", "uts", "net", "cgroup", "pid", "mnt"];
 
 pub fn run() -> ExitCode {
-    // SAFETY: the agent put the control socket on fd 3 for us and nothing else owns it.
-    let ctl = unsafe { OwnedFd::from_raw_fd(CONTROL_FD) };
-    let _ = nix::fcntl::fcntl(
-        CONTROL_FD,
-        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
-    );
+    let ctl = take_control_fd();
     match join_and_fork(ctl.as_raw_fd()) {
         Ok(Some(child_setup)) => {
             // In the forked process: becomes the exec'd process.

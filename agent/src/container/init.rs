@@ -24,19 +24,25 @@ use super::{caps, mounts, recv_msg, send_msg};
 /// The argument that makes hull-agent the container init.
 pub const ARG: &str = "container-init";
 
-/// The control socket's descriptor number in the init.
+/// The control socket's descriptor number in the processes `spawn_helper` starts.
 const CONTROL_FD: RawFd = 3;
 
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
-pub fn run() -> ExitCode {
+/// Takes the control socket the agent left on fd 3, close-on-exec so that it does not
+/// leak into the container's process (and its closing tells the agent the exec happened).
+pub(super) fn take_control_fd() -> OwnedFd {
     // SAFETY: the agent put the control socket on fd 3 for us and nothing else owns it.
     let ctl = unsafe { OwnedFd::from_raw_fd(CONTROL_FD) };
-    // It must not leak into the container's process.
     let _ = nix::fcntl::fcntl(
         CONTROL_FD,
         nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
     );
+    ctl
+}
+
+pub fn run() -> ExitCode {
+    let ctl = take_control_fd();
     let prepared = setup(ctl.as_raw_fd());
     finish(ctl.as_raw_fd(), prepared)
 }

@@ -213,7 +213,7 @@ impl Manager {
             ],
             None,
         );
-        let proc_ = finish_spawn(pid, ours, result, tty_stream)?;
+        let proc_ = finish_spawn(pid, ours, result.map(|(_, master)| master), tty_stream)?;
         let container = Arc::new(Container {
             init: Arc::new(proc_),
             execs: Mutex::new(HashMap::new()),
@@ -273,8 +273,7 @@ impl Manager {
             Ok((None, _)) => bail!("the exec helper did not report a pid"),
             Err(e) => return Err(e),
         };
-        let proc_ = finish_spawn(pid, ours, Ok((None, master)), tty_stream)?;
-        let proc_ = Arc::new(proc_);
+        let proc_ = Arc::new(finish_spawn(pid, ours, Ok(master), tty_stream)?);
         c.execs
             .lock()
             .map_err(|_| anyhow!("poisoned"))?
@@ -503,15 +502,16 @@ fn spawn_helper(flags: libc::c_int, arg: &str, stdio: [OwnedFd; 3]) -> Result<(i
     Ok((pid, ours))
 }
 
-/// Turns a handshake's outcome into a `Proc`, killing the process on failure.
+/// Turns a handshake's outcome (the pty master, if any) into a `Proc`, killing the process
+/// on failure.
 fn finish_spawn(
     pid: i32,
     ctl: OwnedFd,
-    result: Result<(Option<i32>, Option<OwnedFd>)>,
+    result: Result<Option<OwnedFd>>,
     tty_stream: Option<OwnedFd>,
 ) -> Result<Proc> {
     let master = match result {
-        Ok((_, master)) => master,
+        Ok(master) => master,
         Err(e) => {
             let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
             let exit = reaper::wait(pid);
