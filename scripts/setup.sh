@@ -10,7 +10,8 @@ lib=${HULL_LIB:-/var/lib/hull}
 say() { echo "setup: $*" >&2; }
 
 packages=(linux-source-6.1 build-essential bc flex bison libelf-dev libssl-dev cpio file
-          qemu-system-x86 busybox-static runc libcap-ng-dev libseccomp-dev pkg-config xz-utils)
+          qemu-system-x86 busybox-static runc libcap-ng-dev libseccomp-dev pkg-config xz-utils
+          podman conmon crun catatonit containernetworking-plugins containerd python3)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f '${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
@@ -24,6 +25,10 @@ fi
 export PATH=$HOME/.cargo/bin:$PATH
 command -v virtiofsd >/dev/null || { say "cargo install virtiofsd (a few minutes)"; cargo install --locked --quiet virtiofsd; }
 command -v vhost-device-vsock >/dev/null || { say "cargo install vhost-device-vsock (a few minutes)"; cargo install --locked --quiet vhost-device-vsock; }
+# Engines (conmon, containerd) run hull with their own PATH: put the helpers on a common one.
+for helper in virtiofsd vhost-device-vsock; do
+    [ "$(command -v $helper)" = /usr/local/bin/$helper ] || ln -sf "$(command -v $helper)" /usr/local/bin/$helper
+done
 
 say "guest kernel"
 kernel=$(guest-kernel-config/build-kernel.sh)

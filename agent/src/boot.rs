@@ -87,6 +87,10 @@ fn boot() -> Result<()> {
     // The ready connection stays open while the agent lives: the host sees it close when
     // the guest goes away.
     shutdown.wait();
+    // The host stops the VM as soon as it has the Shutdown answer. Resetting at once could
+    // lose that answer in flight (and the host would wait for the slow reset instead), so
+    // reset only if the host has not stopped the VM after a grace period.
+    std::thread::sleep(std::time::Duration::from_secs(2));
     drop(ready);
     Ok(())
 }

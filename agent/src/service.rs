@@ -6,7 +6,8 @@ use std::sync::{Arc, Mutex};
 use anyhow::{Context, Result};
 use hull_protocol::agent::{
     ContainerRequest, CreateContainerRequest, CreateContainerResponse, Empty, ExecProcessRequest,
-    ProcessRequest, ResizePtyRequest, SignalProcessRequest, VersionResponse, WaitProcessResponse,
+    ListProcessesResponse, ProcessInfo, ProcessRequest, ResizePtyRequest, SignalProcessRequest,
+    StatsResponse, UpdateContainerRequest, VersionResponse, WaitProcessResponse,
 };
 use hull_protocol::agent_ttrpc::{create_agent, Agent};
 use hull_protocol::{AGENT_PORT, PROTOCOL_VERSION};
@@ -108,7 +109,7 @@ impl Agent for Service {
         req: SignalProcessRequest,
     ) -> ttrpc::Result<Empty> {
         self.manager
-            .signal(&req.container_id, &req.exec_id, req.signal)
+            .signal(&req.container_id, &req.exec_id, req.signal, req.all)
             .map_err(failed)?;
         Ok(Empty::new())
     }
@@ -150,6 +151,65 @@ impl Agent for Service {
     fn remove_container(&self, _ctx: &TtrpcContext, req: ContainerRequest) -> ttrpc::Result<Empty> {
         self.manager.remove(&req.container_id).map_err(failed)?;
         Ok(Empty::new())
+    }
+
+    fn list_processes(
+        &self,
+        _ctx: &TtrpcContext,
+        req: ContainerRequest,
+    ) -> ttrpc::Result<ListProcessesResponse> {
+        let processes = self
+            .manager
+            .processes(&req.container_id)
+            .map_err(failed)?
+            .into_iter()
+            .map(|(pid, cmd)| ProcessInfo {
+                pid: pid as u32,
+                cmd,
+                ..Default::default()
+            })
+            .collect();
+        Ok(ListProcessesResponse {
+            processes,
+            ..Default::default()
+        })
+    }
+
+    fn pause_container(&self, _ctx: &TtrpcContext, req: ContainerRequest) -> ttrpc::Result<Empty> {
+        self.manager
+            .pause(&req.container_id, true)
+            .map_err(failed)?;
+        Ok(Empty::new())
+    }
+
+    fn resume_container(&self, _ctx: &TtrpcContext, req: ContainerRequest) -> ttrpc::Result<Empty> {
+        self.manager
+            .pause(&req.container_id, false)
+            .map_err(failed)?;
+        Ok(Empty::new())
+    }
+
+    fn update_container(
+        &self,
+        _ctx: &TtrpcContext,
+        req: UpdateContainerRequest,
+    ) -> ttrpc::Result<Empty> {
+        self.manager
+            .update(&req.container_id, &req.resources)
+            .map_err(failed)?;
+        Ok(Empty::new())
+    }
+
+    fn stats_container(
+        &self,
+        _ctx: &TtrpcContext,
+        req: ContainerRequest,
+    ) -> ttrpc::Result<StatsResponse> {
+        let values = self.manager.stats(&req.container_id).map_err(failed)?;
+        Ok(StatsResponse {
+            values,
+            ..Default::default()
+        })
     }
 
     fn shutdown(&self, _ctx: &TtrpcContext, _req: Empty) -> ttrpc::Result<Empty> {

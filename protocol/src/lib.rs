@@ -28,7 +28,7 @@ pub mod agent_ttrpc {
 }
 
 /// Bumped whenever a change to the API is not backward compatible.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Guest vsock port the agent serves the ttrpc API on.
 pub const AGENT_PORT: u32 = 1024;
@@ -38,7 +38,7 @@ pub const AGENT_PORT: u32 = 1024;
 pub const HOST_READY_PORT: u32 = 1023;
 
 /// What the agent writes on the ready connection.
-pub const READY_LINE: &str = "hull-agent ready 1\n";
+pub const READY_LINE: &str = "hull-agent ready 2\n";
 
 /// The virtio-fs tag the host exports the sandbox's shared directory under.
 pub const SHARE_TAG: &str = "hullshare";
@@ -48,3 +48,49 @@ pub const GUEST_SHARE_DIR: &str = "/run/hull/share";
 
 /// First host vsock port handed out for stdio streams.
 pub const FIRST_STDIO_PORT: u32 = 2000;
+
+/// Linux capabilities by number (the index), with the names the OCI spec uses: what the
+/// guest kernel knows.
+pub const CAPABILITIES: [&str; 41] = [
+    "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_DAC_READ_SEARCH",
+    "CAP_FOWNER",
+    "CAP_FSETID",
+    "CAP_KILL",
+    "CAP_SETGID",
+    "CAP_SETUID",
+    "CAP_SETPCAP",
+    "CAP_LINUX_IMMUTABLE",
+    "CAP_NET_BIND_SERVICE",
+    "CAP_NET_BROADCAST",
+    "CAP_NET_ADMIN",
+    "CAP_NET_RAW",
+    "CAP_IPC_LOCK",
+    "CAP_IPC_OWNER",
+    "CAP_SYS_MODULE",
+    "CAP_SYS_RAWIO",
+    "CAP_SYS_CHROOT",
+    "CAP_SYS_PTRACE",
+    "CAP_SYS_PACCT",
+    "CAP_SYS_ADMIN",
+    "CAP_SYS_BOOT",
+    "CAP_SYS_NICE",
+    "CAP_SYS_RESOURCE",
+    "CAP_SYS_TIME",
+    "CAP_SYS_TTY_CONFIG",
+    "CAP_MKNOD",
+    "CAP_LEASE",
+    "CAP_AUDIT_WRITE",
+    "CAP_AUDIT_CONTROL",
+    "CAP_SETFCAP",
+    "CAP_MAC_OVERRIDE",
+    "CAP_MAC_ADMIN",
+    "CAP_SYSLOG",
+    "CAP_WAKE_ALARM",
+    "CAP_BLOCK_SUSPEND",
+    "CAP_AUDIT_READ",
+    "CAP_PERFMON",
+    "CAP_BPF",
+    "CAP_CHECKPOINT_RESTORE",
+];

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use hull_protocol::agent::{
     ContainerRequest, CreateContainerRequest, Empty, ExecProcessRequest, ProcessRequest,
-    ResizePtyRequest, SignalProcessRequest, Stdio,
+    ResizePtyRequest, SignalProcessRequest, Stdio, UpdateContainerRequest,
 };
 use hull_protocol::agent_ttrpc;
 use thiserror::Error;
@@ -51,6 +51,13 @@ fn ctx(timeout: Option<Duration>) -> ttrpc::context::Context {
     }
 }
 
+fn container(id: &str) -> ContainerRequest {
+    ContainerRequest {
+        container_id: id.to_string(),
+        ..Default::default()
+    }
+}
+
 fn call_error(call: &str, e: ttrpc::Error) -> AgentError {
     match e {
         ttrpc::Error::RpcStatus(s) => AgentError::Call(s.message().to_string()),
@@ -89,12 +96,8 @@ impl AgentClient {
     }
 
     pub fn start_container(&self, id: &str) -> Result<(), AgentError> {
-        let req = ContainerRequest {
-            container_id: id.to_string(),
-            ..Default::default()
-        };
         self.inner
-            .start_container(ctx(Some(CALL_TIMEOUT)), &req)
+            .start_container(ctx(Some(CALL_TIMEOUT)), &container(id))
             .map(|_| ())
             .map_err(|e| call_error("start", e))
     }
@@ -121,10 +124,26 @@ impl AgentClient {
     }
 
     pub fn signal(&self, id: &str, exec_id: &str, signal: i32) -> Result<(), AgentError> {
+        self.signal_process(id, exec_id, signal, false)
+    }
+
+    /// Signals every process of container `id` (runc kill --all).
+    pub fn signal_all(&self, id: &str, signal: i32) -> Result<(), AgentError> {
+        self.signal_process(id, "", signal, true)
+    }
+
+    fn signal_process(
+        &self,
+        id: &str,
+        exec_id: &str,
+        signal: i32,
+        all: bool,
+    ) -> Result<(), AgentError> {
         let req = SignalProcessRequest {
             container_id: id.to_string(),
             exec_id: exec_id.to_string(),
             signal: signal as u32,
+            all,
             ..Default::default()
         };
         self.inner
@@ -184,14 +203,52 @@ impl AgentClient {
     }
 
     pub fn remove_container(&self, id: &str) -> Result<(), AgentError> {
-        let req = ContainerRequest {
+        self.inner
+            .remove_container(ctx(Some(CALL_TIMEOUT)), &container(id))
+            .map(|_| ())
+            .map_err(|e| call_error("remove", e))
+    }
+
+    /// The container's processes: guest pid and command line.
+    pub fn processes(&self, id: &str) -> Result<Vec<(u32, String)>, AgentError> {
+        let r = self
+            .inner
+            .list_processes(ctx(Some(CALL_TIMEOUT)), &container(id))
+            .map_err(|e| call_error("ps", e))?;
+        Ok(r.processes.into_iter().map(|p| (p.pid, p.cmd)).collect())
+    }
+
+    /// Freezes (`true`) or thaws the container.
+    pub fn pause(&self, id: &str, paused: bool) -> Result<(), AgentError> {
+        let c = ctx(Some(CALL_TIMEOUT));
+        let r = if paused {
+            self.inner.pause_container(c, &container(id))
+        } else {
+            self.inner.resume_container(c, &container(id))
+        };
+        r.map(|_| ())
+            .map_err(|e| call_error(if paused { "pause" } else { "resume" }, e))
+    }
+
+    /// Applies `resources` (OCI `linux.resources`, JSON) to the container's cgroup.
+    pub fn update(&self, id: &str, resources: Vec<u8>) -> Result<(), AgentError> {
+        let req = UpdateContainerRequest {
             container_id: id.to_string(),
+            resources,
             ..Default::default()
         };
         self.inner
-            .remove_container(ctx(Some(CALL_TIMEOUT)), &req)
+            .update_container(ctx(Some(CALL_TIMEOUT)), &req)
             .map(|_| ())
-            .map_err(|e| call_error("remove", e))
+            .map_err(|e| call_error("update", e))
+    }
+
+    /// The container's cgroup counters (see StatsResponse in agent.proto).
+    pub fn stats(&self, id: &str) -> Result<std::collections::HashMap<String, u64>, AgentError> {
+        self.inner
+            .stats_container(ctx(Some(CALL_TIMEOUT)), &container(id))
+            .map(|r| r.values)
+            .map_err(|e| call_error("stats", e))
     }
 
     /// Asks the guest to power off; it may go before it answers.

@@ -149,6 +149,11 @@ impl Sandbox {
         &self.dir
     }
 
+    /// The hybrid vsock whose port sockets live in the sandbox directory.
+    pub fn vsock(&self) -> &HybridVsock {
+        &self.vsock
+    }
+
     /// The directory virtiofsd exports to the guest.
     pub fn shared_dir(&self) -> PathBuf {
         self.dir.join("shared")
@@ -158,10 +163,21 @@ impl Sandbox {
         self.vmm.describe()
     }
 
-    /// Bind-mounts host directory `source` at `shared/<rel>`, so the guest sees it.
+    /// Bind-mounts host directory or file `source` at `shared/<rel>`, so the guest sees it.
     pub fn bind_into_share(&mut self, source: &Path, rel: &Path) -> Result<PathBuf, SandboxError> {
         let target = self.shared_dir().join(rel);
-        std::fs::create_dir_all(&target).map_err(io(format!("creating {}", target.display())))?;
+        let meta = std::fs::metadata(source)
+            .map_err(io(format!("bind mount source {}", source.display())))?;
+        if meta.is_dir() {
+            std::fs::create_dir_all(&target)
+                .map_err(io(format!("creating {}", target.display())))?;
+        } else {
+            if let Some(parent) = target.parent() {
+                std::fs::create_dir_all(parent)
+                    .map_err(io(format!("creating {}", parent.display())))?;
+            }
+            File::create(&target).map_err(io(format!("creating {}", target.display())))?;
+        }
         nix::mount::mount(
             Some(source),
             &target,
@@ -187,6 +203,22 @@ impl Sandbox {
             .listen(port)
             .map_err(io(format!("listening on vsock port {port}")))?;
         Ok((port, l))
+    }
+
+    /// The process groups of the VMM and helpers, for a cleanup by someone else when the
+    /// process holding this sandbox died.
+    pub fn process_groups(&self) -> Vec<i32> {
+        self.vmm
+            .pid()
+            .into_iter()
+            .map(|p| p as i32)
+            .chain(self.helpers.iter().map(|(_, c)| c.id() as i32))
+            .collect()
+    }
+
+    /// Whether the VMM process has ended (crashed, killed, or the guest reset).
+    pub fn vmm_exited(&mut self) -> bool {
+        matches!(self.vmm.try_wait(), Ok(Some(_)) | Err(_))
     }
 
     fn spawn_helper(
@@ -371,6 +403,7 @@ impl Sandbox {
     pub fn shutdown(mut self) {
         if let Some(agent) = self.agent.take() {
             agent.shutdown();
+            tracing::debug!(sandbox = %self.id, "the agent has shut down");
         }
         // Drop does the rest.
     }
@@ -382,6 +415,7 @@ impl Sandbox {
         for (_, child) in self.helpers.iter_mut() {
             kill_group(child);
         }
+        tracing::debug!(sandbox = %self.id, "the VMM and helpers are gone");
         for target in self.binds.drain(..).rev() {
             if let Err(e) = nix::mount::umount2(&target, nix::mount::MntFlags::MNT_DETACH) {
                 tracing::error!("unmounting {}: {e}", target.display());

@@ -1,57 +1,13 @@
 //! Capabilities: the five sets of the OCI process, applied as runc applies them.
 
 use anyhow::{bail, Result};
+use hull_protocol::CAPABILITIES;
 use oci_spec::runtime::{Capabilities, Capability, LinuxCapabilities};
-
-/// Linux capability numbers, by the names the OCI spec uses.
-const NAMES: [&str; 41] = [
-    "CAP_CHOWN",
-    "CAP_DAC_OVERRIDE",
-    "CAP_DAC_READ_SEARCH",
-    "CAP_FOWNER",
-    "CAP_FSETID",
-    "CAP_KILL",
-    "CAP_SETGID",
-    "CAP_SETUID",
-    "CAP_SETPCAP",
-    "CAP_LINUX_IMMUTABLE",
-    "CAP_NET_BIND_SERVICE",
-    "CAP_NET_BROADCAST",
-    "CAP_NET_ADMIN",
-    "CAP_NET_RAW",
-    "CAP_IPC_LOCK",
-    "CAP_IPC_OWNER",
-    "CAP_SYS_MODULE",
-    "CAP_SYS_RAWIO",
-    "CAP_SYS_CHROOT",
-    "CAP_SYS_PTRACE",
-    "CAP_SYS_PACCT",
-    "CAP_SYS_ADMIN",
-    "CAP_SYS_BOOT",
-    "CAP_SYS_NICE",
-    "CAP_SYS_RESOURCE",
-    "CAP_SYS_TIME",
-    "CAP_SYS_TTY_CONFIG",
-    "CAP_MKNOD",
-    "CAP_LEASE",
-    "CAP_AUDIT_WRITE",
-    "CAP_AUDIT_CONTROL",
-    "CAP_SETFCAP",
-    "CAP_MAC_OVERRIDE",
-    "CAP_MAC_ADMIN",
-    "CAP_SYSLOG",
-    "CAP_WAKE_ALARM",
-    "CAP_BLOCK_SUSPEND",
-    "CAP_AUDIT_READ",
-    "CAP_PERFMON",
-    "CAP_BPF",
-    "CAP_CHECKPOINT_RESTORE",
-];
 
 fn number(cap: &Capability) -> Result<u32> {
     let name = serde_json::to_value(cap)?;
     let name = name.as_str().unwrap_or_default();
-    match NAMES.iter().position(|n| *n == name) {
+    match CAPABILITIES.iter().position(|n| *n == name) {
         Some(i) => Ok(i as u32),
         None => bail!("capability {name} is not known to the guest kernel"),
     }
@@ -96,14 +52,14 @@ impl Sets {
 
     /// Drops every capability outside the bounding set (needs CAP_SETPCAP: do it first).
     pub fn apply_bounding(&self) -> Result<()> {
-        for cap in 0..NAMES.len() as u64 {
+        for cap in 0..CAPABILITIES.len() as u64 {
             if self.bounding & (1 << cap) == 0 {
                 // SAFETY: prctl with integer arguments only.
                 let rc = unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) };
                 if rc != 0 {
                     bail!(
                         "dropping {} from the bounding set: {}",
-                        NAMES[cap as usize],
+                        CAPABILITIES[cap as usize],
                         std::io::Error::last_os_error()
                     );
                 }
@@ -151,7 +107,7 @@ impl Sets {
         }
         // As runc: an ambient capability the inheritable set lacks cannot be raised; that
         // is not an error (the kernel says EPERM), the capability just is not ambient.
-        for cap in 0..NAMES.len() as u64 {
+        for cap in 0..CAPABILITIES.len() as u64 {
             if self.ambient & (1 << cap) != 0 && self.inheritable & (1 << cap) != 0 {
                 // SAFETY: prctl with integer arguments only.
                 let rc = unsafe {
@@ -160,7 +116,7 @@ impl Sets {
                 if rc != 0 {
                     bail!(
                         "raising ambient {}: {}",
-                        NAMES[cap as usize],
+                        CAPABILITIES[cap as usize],
                         std::io::Error::last_os_error()
                     );
                 }

@@ -84,6 +84,10 @@ fn setup(ctl: RawFd) -> Result<Prepared> {
     let spec: Spec = serde_json::from_slice(&spec).context("parsing the OCI spec")?;
     let process = spec.process().as_ref().context("the spec has no process")?;
     let linux = spec.linux().clone().unwrap_or_default();
+    // The agent has moved this process into the container's cgroup: a cgroup namespace
+    // made now is rooted there. Always one: the guest's cgroup tree is the VM's business.
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWCGROUP)
+        .context("creating the cgroup namespace")?;
 
     // Nothing done in here may reach the agent's mount namespace.
     mount(
@@ -163,6 +167,12 @@ pub(super) fn prepare(process: &Process) -> Result<Prepared> {
             .map(|s| CString::new(s).with_context(|| format!("a NUL byte in process {what}")))
             .collect()
     };
+    // As runc: a command that is not there fails create, not start.
+    if let Some(name) = args.first() {
+        if resolve(name, &path_var).is_none() {
+            bail!("{}", not_found(name));
+        }
+    }
     Ok(Prepared {
         args: cstrings(args, "args")?,
         env: cstrings(env, "env")?,
@@ -343,6 +353,30 @@ fn rlimit_resource(name: &str) -> Result<Resource> {
     })
 }
 
+/// Where execvp would find `name`: itself when it has a '/', else the first regular file
+/// (or, failing that, anything) of that name on `path_var`.
+fn resolve(name: &str, path_var: &str) -> Option<PathBuf> {
+    let candidates: Vec<PathBuf> = if name.contains('/') {
+        vec![PathBuf::from(name)]
+    } else {
+        path_var
+            .split(':')
+            .filter(|d| !d.is_empty())
+            .map(|d| Path::new(d).join(name))
+            .collect()
+    };
+    let found = candidates
+        .iter()
+        .find(|c| c.is_file())
+        .or_else(|| candidates.iter().find(|c| c.exists()));
+    found.cloned()
+}
+
+/// runc's words, which engines match to answer 127.
+fn not_found(name: &str) -> String {
+    format!("exec: {name:?}: executable file not found in $PATH")
+}
+
 /// Finds the executable as execvp would, then execs it. Returns only on failure: the exit
 /// code (127 not found, 126 not runnable, as shells and `docker run` use) and a message.
 fn exec(p: &Prepared) -> (u8, String) {
@@ -350,24 +384,8 @@ fn exec(p: &Prepared) -> (u8, String) {
         return (127, "no command".to_string());
     };
     let name = argv0.to_string_lossy().into_owned();
-    let candidates: Vec<PathBuf> = if name.contains('/') {
-        vec![PathBuf::from(&name)]
-    } else {
-        p.path_var
-            .split(':')
-            .filter(|d| !d.is_empty())
-            .map(|d| Path::new(d).join(&name))
-            .collect()
-    };
-    let Some(path) = candidates
-        .iter()
-        .find(|c| c.is_file())
-        .or_else(|| candidates.iter().find(|c| c.exists()))
-    else {
-        return (
-            127,
-            format!("cannot run {name:?}: executable file not found in $PATH"),
-        );
+    let Some(path) = resolve(&name, &p.path_var) else {
+        return (127, not_found(&name));
     };
     let Ok(cpath) = CString::new(path.as_os_str().as_bytes()) else {
         return (127, format!("cannot run {name:?}: bad path"));

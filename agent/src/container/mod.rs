@@ -2,6 +2,7 @@
 //! the container init), start, signal, wait, remove.
 
 pub mod caps;
+pub mod cgroup;
 pub mod exec;
 pub mod init;
 pub mod mounts;
@@ -50,6 +51,7 @@ struct Proc {
 struct Container {
     init: Arc<Proc>,
     execs: Mutex<HashMap<String, Arc<Proc>>>,
+    cgroup: cgroup::Cgroup,
 }
 
 #[derive(Default)]
@@ -62,10 +64,10 @@ fn check_id(id: &str) -> Result<()> {
         && id.len() <= 128
         && id
             .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b))
+            .all(|b| b.is_ascii_alphanumeric() || b"_.-+".contains(&b))
         && !id.starts_with('.');
     if !ok {
-        bail!("container id {id:?} is not valid: use 1-128 letters, digits, '_', '.', '-'");
+        bail!("container id {id:?} is not valid: use 1-128 letters, digits, '_', '.', '-', '+'");
     }
     Ok(())
 }
@@ -108,7 +110,9 @@ fn clone_flags(spec: &Spec) -> Result<libc::c_int> {
             LinuxNamespaceType::Uts => libc::CLONE_NEWUTS,
             LinuxNamespaceType::Ipc => libc::CLONE_NEWIPC,
             LinuxNamespaceType::Network => libc::CLONE_NEWNET,
-            LinuxNamespaceType::Cgroup => libc::CLONE_NEWCGROUP,
+            // The init unshares it once the agent has moved it into its cgroup, so that
+            // the namespace's root is the container's cgroup (as runc does).
+            LinuxNamespaceType::Cgroup => 0,
             other => bail!("{other:?} namespaces are not supported yet"),
         };
     }
@@ -202,21 +206,37 @@ impl Manager {
             bail!("process.terminal and the stdio request disagree");
         }
 
-        let (stdio_fds, tty_stream) = open_process_stdio(&stdio)?;
-        let (pid, ours) = spawn_helper(flags, init::ARG, stdio_fds)?;
-        let result = self.handshake(
-            ours.as_raw_fd(),
-            &[
-                rootfs.as_os_str().as_encoded_bytes(),
-                terminal_flag(terminal),
-                spec_json,
-            ],
-            None,
-        );
-        let proc_ = finish_spawn(pid, ours, result.map(|(_, master)| master), tty_stream)?;
+        let resources = spec.linux().as_ref().and_then(|l| l.resources().as_ref());
+        let cgroup = cgroup::Cgroup::create(id, resources)?;
+        let spawned = open_process_stdio(&stdio).and_then(|(stdio_fds, tty_stream)| {
+            let (pid, ours) = spawn_helper(flags, init::ARG, stdio_fds)?;
+            let result = cgroup.add(pid).and_then(|()| {
+                self.handshake(
+                    ours.as_raw_fd(),
+                    &[
+                        rootfs.as_os_str().as_encoded_bytes(),
+                        terminal_flag(terminal),
+                        spec_json,
+                    ],
+                    None,
+                )
+            });
+            Ok((
+                pid,
+                finish_spawn(pid, ours, result.map(|(_, m)| m), tty_stream)?,
+            ))
+        });
+        let (pid, proc_) = match spawned {
+            Ok(p) => p,
+            Err(e) => {
+                cgroup.remove();
+                return Err(e);
+            }
+        };
         let container = Arc::new(Container {
             init: Arc::new(proc_),
             execs: Mutex::new(HashMap::new()),
+            cgroup,
         });
         self.containers
             .lock()
@@ -273,7 +293,8 @@ impl Manager {
             Ok((None, _)) => bail!("the exec helper did not report a pid"),
             Err(e) => return Err(e),
         };
-        let proc_ = Arc::new(finish_spawn(pid, ours, Ok(master), tty_stream)?);
+        let master = c.cgroup.add(pid).map(|()| master);
+        let proc_ = Arc::new(finish_spawn(pid, ours, master, tty_stream)?);
         c.execs
             .lock()
             .map_err(|_| anyhow!("poisoned"))?
@@ -339,10 +360,13 @@ impl Manager {
             .ok_or_else(|| anyhow!("no exec {exec_id:?} in container {id:?}"))
     }
 
-    pub fn signal(&self, id: &str, exec_id: &str, signal: u32) -> Result<()> {
+    pub fn signal(&self, id: &str, exec_id: &str, signal: u32, all: bool) -> Result<()> {
         let pid = self.proc_of(id, exec_id)?.pid;
         let sig =
             Signal::try_from(signal as i32).map_err(|_| anyhow!("signal {signal} is not valid"))?;
+        if all {
+            return self.get(id)?.cgroup.signal_all(sig);
+        }
         if reaper::try_exit(pid).is_some() {
             return Ok(());
         }
@@ -376,8 +400,46 @@ impl Manager {
         }
     }
 
+    /// The container's processes: guest pid and command line.
+    pub fn processes(&self, id: &str) -> Result<Vec<(i32, String)>> {
+        let c = self.get(id)?;
+        Ok(c.cgroup
+            .pids()?
+            .into_iter()
+            .map(|pid| {
+                let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+                let cmd = String::from_utf8_lossy(&cmd)
+                    .trim_end_matches('\0')
+                    .replace('\0', " ");
+                (pid, cmd)
+            })
+            .collect())
+    }
+
+    pub fn pause(&self, id: &str, paused: bool) -> Result<()> {
+        let c = self.get(id)?;
+        if paused && reaper::try_exit(c.init.pid).is_some() {
+            bail!("container {id:?} is not running");
+        }
+        c.cgroup.freeze(paused)
+    }
+
+    pub fn update(&self, id: &str, resources_json: &[u8]) -> Result<()> {
+        let c = self.get(id)?;
+        let r: oci_spec::runtime::LinuxResources =
+            serde_json::from_slice(resources_json).context("parsing linux.resources")?;
+        c.cgroup.apply(&r)
+    }
+
+    pub fn stats(&self, id: &str) -> Result<HashMap<String, u64>> {
+        Ok(self.get(id)?.cgroup.stats())
+    }
+
     pub fn remove(&self, id: &str) -> Result<()> {
         let c = self.get(id)?;
+        if c.cgroup.frozen() {
+            let _ = c.cgroup.freeze(false);
+        }
         let execs: Vec<Arc<Proc>> = c
             .execs
             .lock()
@@ -393,6 +455,7 @@ impl Manager {
             reaper::wait(p.pid);
             reaper::forget(p.pid);
         }
+        c.cgroup.remove();
         self.containers
             .lock()
             .map_err(|_| anyhow!("container table poisoned"))?
@@ -514,9 +577,10 @@ fn finish_spawn(
         Ok(master) => master,
         Err(e) => {
             let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
-            let exit = reaper::wait(pid);
+            // The handshake's error says why; how the process then died adds nothing.
+            reaper::wait(pid);
             reaper::forget(pid);
-            return Err(e.context(format!("container process exited: {exit:?}")));
+            return Err(e);
         }
     };
     let tty = match (master, tty_stream) {

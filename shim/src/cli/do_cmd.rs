@@ -5,17 +5,14 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
-use hull_protocol::agent::Stdio;
-use nix::sys::signal::{SigSet, SigmaskHow, Signal};
-
-use super::stdio::{self, RawMode};
+use super::monitor::{self, Console, Io};
 use crate::agent_client::ProcessExit;
 use crate::config::Config;
 use crate::image::{self, ImageConfig, ImageKind};
 use crate::sandbox::{Sandbox, SandboxSpec};
 use crate::spec::{self, ProcessSpec};
 use crate::user;
+use anyhow::{bail, Context, Result};
 
 pub const USAGE: &str = "usage: hull do [-e K=V]... [-w DIR] [--user U] [--cpus N] [--memory M] [-i] [-t] IMAGE [--] [CMD...]
 
@@ -167,21 +164,7 @@ pub fn run(config: &Config, o: DoOptions) -> Result<i32> {
     let t0 = Instant::now();
     let mut timings = Timings::default();
     // Signals for the container are handled by one thread, so block them everywhere first.
-    let forwarded = [
-        Signal::SIGINT,
-        Signal::SIGTERM,
-        Signal::SIGHUP,
-        Signal::SIGQUIT,
-        Signal::SIGUSR1,
-        Signal::SIGUSR2,
-        Signal::SIGWINCH,
-    ];
-    let mut sigset = SigSet::empty();
-    for s in forwarded {
-        sigset.add(s);
-    }
-    nix::sys::signal::pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&sigset), None)
-        .context("blocking signals")?;
+    monitor::block_signals()?;
 
     let kind = image::detect(&o.image)?;
     // A command line that cannot work fails before anything is made.
@@ -253,81 +236,40 @@ pub fn run(config: &Config, o: DoOptions) -> Result<i32> {
     tracing::info!("{}", sandbox.describe_backend());
 
     let agent = sandbox.agent()?.clone();
-    let mut wiring = Stdio::new();
-    wiring.terminal = o.tty;
-    let (out_port, out_l) = sandbox.listen_port()?;
-    wiring.stdout_port = out_port;
-    let mut err_l = None;
-    let mut in_l = None;
-    if !o.tty {
-        let (p, l) = sandbox.listen_port()?;
-        wiring.stderr_port = p;
-        err_l = Some(l);
-        if o.interactive {
-            let (p, l) = sandbox.listen_port()?;
-            wiring.stdin_port = p;
-            in_l = Some(l);
-        }
-    }
+    let listeners = monitor::listen(
+        sandbox.vsock(),
+        hull_protocol::FIRST_STDIO_PORT,
+        o.tty,
+        o.interactive,
+    )?;
     let spec_bytes = serde_json::to_vec(&oci)?;
-    agent.create_container(cid, spec_bytes, wiring)?;
+    if let Err(e) = agent.create_container(cid, spec_bytes, listeners.stdio.clone()) {
+        // As `docker run`: a command that is not there is 127, not a runtime failure.
+        if e.to_string().contains("executable file not found") {
+            eprintln!("hull: {e}");
+            return Ok(127);
+        }
+        return Err(e.into());
+    }
     timings.container_created_ms = ms(t0.elapsed());
 
-    let mut outputs = Vec::new();
-    let mut raw = None;
-    let out = stdio::accept(&out_l).context("stdout stream")?;
-    if o.tty {
-        if o.interactive {
-            let to_guest = out.try_clone()?;
-            stdio::pump(std::io::stdin(), to_guest, "stdin");
-            raw = Some(RawMode::enter());
-        }
-        if let Some((rows, cols)) = stdio::terminal_size() {
-            let _ = agent.resize_pty(cid, "", rows, cols);
-        }
-        outputs.push(stdio::pump(out, std::io::stdout(), "stdout"));
+    let console = if o.tty {
+        Console::Inherit
     } else {
-        outputs.push(stdio::pump(out, std::io::stdout(), "stdout"));
-        if let Some(l) = err_l {
-            let err = stdio::accept(&l).context("stderr stream")?;
-            outputs.push(stdio::pump(err, std::io::stderr(), "stderr"));
-        }
-        if let Some(l) = in_l {
-            let input = stdio::accept(&l).context("stdin stream")?;
-            // Dropping the stream at EOF of our stdin is the container's EOF.
-            stdio::pump(std::io::stdin(), input, "stdin");
-        }
+        Console::Pipes
+    };
+    let io = Io::connect(listeners, &console)?;
+    if let Some((rows, cols)) = io.size() {
+        let _ = agent.resize_pty(cid, "", rows, cols);
     }
-
-    {
-        let agent = agent.clone();
-        let tty = o.tty;
-        std::thread::Builder::new()
-            .name("signals".into())
-            .spawn(move || loop {
-                let Ok(sig) = sigset.wait() else { continue };
-                if sig == Signal::SIGWINCH {
-                    if tty {
-                        if let Some((rows, cols)) = stdio::terminal_size() {
-                            let _ = agent.resize_pty(cid, "", rows, cols);
-                        }
-                    }
-                    continue;
-                }
-                if let Err(e) = agent.signal(cid, "", sig as i32) {
-                    tracing::warn!("forwarding {sig}: {e}");
-                }
-            })?;
-    }
+    monitor::forward_signals(agent.clone(), cid.to_string(), String::new(), io.size_fd());
 
     let start_error = agent.start_container(cid).err();
     timings.container_started_ms = ms(t0.elapsed());
-    let exit = agent.wait(cid, "")?;
+    let exit = monitor::wait_exit(&agent, cid, "", || !sandbox.vmm_exited());
     timings.exited_ms = ms(t0.elapsed());
-    for h in outputs {
-        let _ = h.join();
-    }
-    drop(raw);
+    io.drain(Duration::from_secs(5));
+    drop(io);
     if let Some(e) = start_error {
         let _ = std::io::stdout().flush();
         eprintln!("hull: {e}");

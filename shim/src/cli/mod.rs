@@ -1,4 +1,6 @@
 //! Command-line front ends.
 
 pub mod do_cmd;
+pub(crate) mod monitor;
+pub mod runc;
 mod stdio;

@@ -136,13 +136,34 @@ impl Hypervisor for Qemu {
     }
 }
 
+/// Whether a process of group `pgid` is still running (not a zombie), from /proc.
+fn group_has_live_members(pgid: i32) -> bool {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return true;
+    };
+    entries.flatten().any(|e| {
+        let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else {
+            return false;
+        };
+        // Fields after the command name: state, ppid, pgrp, ...
+        let Some(rest) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
+            return false;
+        };
+        let mut fields = rest.split_whitespace();
+        let state = fields.next();
+        let pgrp = fields.nth(1).and_then(|p| p.parse::<i32>().ok());
+        pgrp == Some(pgid) && !matches!(state, Some("Z") | Some("X"))
+    })
+}
+
 /// Kills the process group led by `child` and waits (up to 2 s) until none of it is left.
 pub(crate) fn kill_group(child: &mut Child) {
     let pgid = nix::unistd::Pid::from_raw(child.id() as i32);
     let _ = nix::sys::signal::killpg(pgid, nix::sys::signal::Signal::SIGKILL);
     let _ = child.wait();
     for _ in 0..400 {
-        if nix::sys::signal::killpg(pgid, None).is_err() {
+        // Zombies (a grandchild its new parent has not reaped yet) hold nothing.
+        if nix::sys::signal::killpg(pgid, None).is_err() || !group_has_live_members(pgid.as_raw()) {
             return;
         }
         std::thread::sleep(std::time::Duration::from_millis(5));
