@@ -14,7 +14,7 @@ use thiserror::Error;
 
 use crate::agent_client::{AgentClient, AgentError};
 use crate::config::Config;
-use crate::hypervisor::qemu::{die_with_parent, kill_group, Qemu};
+use crate::hypervisor::qemu::{become_subreaper, die_with_parent, kill_group, Qemu};
 use crate::hypervisor::{Hypervisor, HypervisorError, VmConfig};
 use crate::vsock::HybridVsock;
 
@@ -273,6 +273,7 @@ impl Sandbox {
     /// Starts the helpers and the VM and waits for the agent.
     pub fn boot(&mut self) -> Result<(), SandboxError> {
         let t0 = Instant::now();
+        become_subreaper();
         let fs_socket = self.dir.join("virtiofsd.sock");
         let vsock_backend = self.dir.join("vhost-vsock.sock");
         let shared = self.shared_dir();

@@ -136,24 +136,17 @@ impl Hypervisor for Qemu {
     }
 }
 
-/// Whether a process of group `pgid` is still running (not a zombie), from /proc.
-fn group_has_live_members(pgid: i32) -> bool {
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return true;
-    };
-    entries.flatten().any(|e| {
-        let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else {
-            return false;
-        };
-        // Fields after the command name: state, ppid, pgrp, ...
-        let Some(rest) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
-            return false;
-        };
-        let mut fields = rest.split_whitespace();
-        let state = fields.next();
-        let pgrp = fields.nth(1).and_then(|p| p.parse::<i32>().ok());
-        pgrp == Some(pgid) && !matches!(state, Some("Z") | Some("X"))
-    })
+/// Makes this process the reaper of its descendants' orphans: helpers that fork (virtiofsd
+/// in its namespace sandbox) leave children that must not wait for PID 1 to reap them.
+pub(crate) fn become_subreaper() {
+    // SAFETY: PR_SET_CHILD_SUBREAPER takes an integer and touches no memory of ours.
+    let rc = unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+    if rc != 0 {
+        tracing::warn!(
+            "PR_SET_CHILD_SUBREAPER: {}",
+            std::io::Error::last_os_error()
+        );
+    }
 }
 
 /// Kills the process group led by `child` and waits (up to 2 s) until none of it is left.
@@ -162,8 +155,15 @@ pub(crate) fn kill_group(child: &mut Child) {
     let _ = nix::sys::signal::killpg(pgid, nix::sys::signal::Signal::SIGKILL);
     let _ = child.wait();
     for _ in 0..400 {
-        // Zombies (a grandchild its new parent has not reaped yet) hold nothing.
-        if nix::sys::signal::killpg(pgid, None).is_err() || !group_has_live_members(pgid.as_raw()) {
+        // Reap what is ours of the group: a helper's own children are re-parented to us
+        // (see `become_subreaper`), and reaping them at once frees their sockets.
+        while let Ok(
+            nix::sys::wait::WaitStatus::Exited(..) | nix::sys::wait::WaitStatus::Signaled(..),
+        ) = nix::sys::wait::waitpid(
+            nix::unistd::Pid::from_raw(-pgid.as_raw()),
+            Some(nix::sys::wait::WaitPidFlag::WNOHANG),
+        ) {}
+        if nix::sys::signal::killpg(pgid, None).is_err() {
             return;
         }
         std::thread::sleep(std::time::Duration::from_millis(5));
