@@ -121,10 +121,9 @@ pub fn hull_do(args: &[&str]) -> Run {
     hull_do_with(&[], args, None)
 }
 
-/// No sandbox directory, process, mount or socket of the `hull` run with `pid` remains.
+/// No sandbox directory, process, mount or socket of the `hull do` run with `pid` remains.
 pub fn assert_nothing_left(pid: u32) {
     let prefix = format!("do-{pid}-");
-    let sandbox_path = format!("{}/{prefix}", run_root().display());
     if let Ok(entries) = std::fs::read_dir(run_root()) {
         for e in entries.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
@@ -135,15 +134,17 @@ pub fn assert_nothing_left(pid: u32) {
             );
         }
     }
+    assert_no_trace(&format!("{}/{prefix}", run_root().display()));
+}
+
+/// No mount, Unix socket or process (by its command line) mentions `path`.
+pub fn assert_no_trace(path: &str) {
     for (what, table) in [
         ("a mount", "/proc/self/mountinfo"),
         ("a socket", "/proc/net/unix"),
     ] {
         let text = std::fs::read_to_string(table).unwrap_or_default();
-        assert!(
-            !text.contains(&sandbox_path),
-            "{what} under {sandbox_path} was left behind"
-        );
+        assert!(!text.contains(path), "{what} under {path} was left behind");
     }
     for e in std::fs::read_dir("/proc").expect("reading /proc").flatten() {
         if !e
@@ -157,9 +158,72 @@ pub fn assert_nothing_left(pid: u32) {
         let cmdline = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
         let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
         assert!(
-            !cmdline.contains(&sandbox_path),
+            !cmdline.contains(path),
             "process {} was left behind: {cmdline}",
             e.file_name().to_string_lossy()
         );
     }
+}
+
+/// The sandbox directory `hull` gives container `id` under state root `root`.
+pub fn sandbox_dir(root: &Path, id: &str) -> PathBuf {
+    hull_shim::cli::runc::sandbox_dir(&hull_shim::config::Config::default(), root, id)
+}
+
+/// Checks that container `id` under `root` left nothing: state, sandbox, processes,
+/// mounts, sockets.
+pub fn assert_container_gone(root: &Path, id: &str) {
+    assert!(
+        !root.join(id).exists(),
+        "the state of {id} is still in {}",
+        root.display()
+    );
+    let sandbox = sandbox_dir(root, id);
+    assert!(!sandbox.exists(), "{} was left behind", sandbox.display());
+    assert_no_trace(&sandbox.display().to_string());
+}
+
+/// A bundle in `dir`: a copy of the busybox rootfs and `hull spec`'s config.json with
+/// no terminal, changed by `edit`.
+pub fn bundle(dir: &TempDir, edit: impl FnOnce(&mut serde_json::Value)) -> PathBuf {
+    rootfs_copy(dir);
+    let out = Command::new(hull_bin())
+        .args(["spec", "--bundle"])
+        .arg(dir.path())
+        .output()
+        .expect("running hull spec");
+    assert!(out.status.success(), "hull spec: {out:?}");
+    let path = dir.path().join("config.json");
+    let mut spec: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&path).expect("reading config.json"))
+            .expect("config.json is JSON");
+    spec["process"]["terminal"] = serde_json::json!(false);
+    edit(&mut spec);
+    std::fs::write(&path, spec.to_string()).expect("writing config.json");
+    dir.path().to_path_buf()
+}
+
+/// Makes this (test) process the reaper of orphans, so that the monitors `hull create`
+/// leaves (and the container inits `runc create` leaves) can be waited for.
+pub fn become_subreaper() {
+    // SAFETY: PR_SET_CHILD_SUBREAPER takes an integer and touches no memory of ours.
+    let rc = unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+    assert_eq!(rc, 0, "PR_SET_CHILD_SUBREAPER");
+}
+
+/// Waits for `pid` (a child or an orphan re-parented to us) and says how it ended.
+pub fn wait_pid(pid: i32) -> nix::sys::wait::WaitStatus {
+    nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid), None).expect("waitpid")
+}
+
+/// Polls `cond` every 20 ms for up to `secs` seconds.
+pub fn eventually(secs: u64, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    while std::time::Instant::now() < deadline {
+        if cond() {
+            return true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    cond()
 }

@@ -1,0 +1,523 @@
+//! `hull` driven as runc is: the runtime spec's lifecycle, runc's error cases, the monitor
+//! process that stands for the container (compared with what runc gives for the same
+//! bundle), exec, the console socket, pause/resume/update/events, host cgroups. Every
+//! container boots a real microVM.
+
+use std::fs::File;
+use std::io::Read;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+use hull_tests::{
+    assert_container_gone, become_subreaper, bundle, eventually, hull_bin, wait_pid, TempDir,
+};
+use nix::sys::signal::Signal;
+use nix::sys::wait::WaitStatus;
+use serde_json::{json, Value};
+
+/// `hull --root ROOT ARGS`, stdio captured.
+fn hull(root: &Path, args: &[&str]) -> Output {
+    Command::new(hull_bin())
+        .arg("--root")
+        .arg(root)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("running hull")
+}
+
+fn ok(root: &Path, args: &[&str]) -> String {
+    let out = hull(root, args);
+    assert!(
+        out.status.success(),
+        "hull {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Runs a failing command; returns its stderr.
+fn fails(root: &Path, args: &[&str]) -> String {
+    let out = hull(root, args);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "hull {args:?} should fail: {out:?}"
+    );
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn state(root: &Path, id: &str) -> Value {
+    serde_json::from_str(&ok(root, &["state", id])).expect("state is JSON")
+}
+
+/// `hull create` with the container's stdout/stderr going to files in `dir`; returns
+/// the monitor's pid from the pid file.
+fn create(root: &Path, dir: &Path, id: &str) -> i32 {
+    let pid_file = dir.join(format!("{id}.pid"));
+    let status = Command::new(hull_bin())
+        .arg("--root")
+        .arg(root)
+        .args(["create", "--bundle"])
+        .arg(dir)
+        .arg("--pid-file")
+        .arg(&pid_file)
+        .arg(id)
+        .stdin(Stdio::null())
+        .stdout(File::create(dir.join(format!("{id}.out"))).unwrap())
+        .stderr(File::create(dir.join(format!("{id}.err"))).unwrap())
+        .status()
+        .expect("running hull create");
+    assert!(status.success(), "hull create {id}");
+    std::fs::read_to_string(&pid_file)
+        .expect("the pid file")
+        .trim()
+        .parse()
+        .expect("a pid")
+}
+
+fn args(spec: &mut Value, a: &[&str]) {
+    spec["process"]["args"] = json!(a);
+}
+
+#[test]
+fn lifecycle_follows_the_runtime_spec() {
+    become_subreaper();
+    let dir = TempDir::new("cli-life");
+    let root = dir.path().join("state");
+    let b = bundle(&dir, |s| {
+        args(s, &["sh", "-c", "echo out; echo err >&2; exec sleep 60"])
+    });
+    let pid = create(&root, &b, "life");
+    let st = state(&root, "life");
+    assert_eq!(st["status"], "created");
+    assert_eq!(st["pid"], pid);
+    assert_eq!(st["id"], "life");
+    assert_eq!(st["bundle"], b.display().to_string());
+    assert!(Path::new(&format!("/proc/{pid}")).exists());
+
+    ok(&root, &["start", "life"]);
+    assert_eq!(state(&root, "life")["status"], "running");
+    assert!(eventually(10, || std::fs::read_to_string(
+        b.join("life.out")
+    )
+    .unwrap_or_default()
+        == "out\n"));
+    assert!(eventually(10, || std::fs::read_to_string(
+        b.join("life.err")
+    )
+    .unwrap_or_default()
+        == "err\n"));
+    let list = ok(&root, &["list", "--format", "json"]);
+    assert!(list.contains("\"life\""), "{list}");
+    let pids: Vec<u32> =
+        serde_json::from_str(&ok(&root, &["ps", "--format", "json", "life"])).expect("ps json");
+    assert_eq!(pids.len(), 1, "{pids:?}");
+
+    ok(&root, &["kill", "life", "KILL"]);
+    assert_eq!(
+        wait_pid(pid),
+        WaitStatus::Signaled(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL, false)
+    );
+    let st = state(&root, "life");
+    assert_eq!(
+        (st["status"].as_str(), st["pid"].as_i64()),
+        (Some("stopped"), Some(0))
+    );
+    ok(&root, &["delete", "life"]);
+    assert!(fails(&root, &["state", "life"]).contains("does not exist"));
+    assert_container_gone(&root, "life");
+}
+
+#[test]
+fn runc_errors_name_what_is_wrong_and_leave_nothing() {
+    become_subreaper();
+    let dir = TempDir::new("cli-errors");
+    let root = dir.path().join("state");
+    for cmd in [
+        vec!["state", "nope"],
+        vec!["start", "nope"],
+        vec!["kill", "nope"],
+        vec!["delete", "nope"],
+        vec!["exec", "nope", "true"],
+        vec!["pause", "nope"],
+    ] {
+        let err = fails(&root, &cmd);
+        assert!(err.contains("does not exist"), "{cmd:?}: {err}");
+    }
+    // A bundle without config.json.
+    let empty = dir.path().join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    let err = fails(
+        &root,
+        &["create", "--bundle", empty.to_str().unwrap(), "bad"],
+    );
+    assert!(err.contains("config.json"), "{err}");
+    assert_container_gone(&root, "bad");
+    // A command the image does not have fails create, as with runc.
+    let b = bundle(&dir, |s| args(s, &["no-such-command"]));
+    let err = fails(&root, &["create", "--bundle", b.to_str().unwrap(), "nocmd"]);
+    assert!(err.contains("executable file not found"), "{err}");
+    assert_container_gone(&root, "nocmd");
+    // A bind mount whose source is missing.
+    let b2dir = TempDir::new("cli-errors-bind");
+    let b2 = bundle(&b2dir, |s| {
+        args(s, &["true"]);
+        s["mounts"]
+            .as_array_mut()
+            .unwrap()
+            .push(json!({"destination": "/data", "type": "bind", "source": "/no/such/dir", "options": ["rbind"]}));
+    });
+    let err = fails(
+        &root,
+        &["create", "--bundle", b2.to_str().unwrap(), "nobind"],
+    );
+    assert!(err.contains("/no/such/dir"), "{err}");
+    assert_container_gone(&root, "nobind");
+    // A bad signal and a bad flag.
+    assert!(fails(&root, &["create", "--bogus", "x"]).contains("unknown flag --bogus"));
+
+    // Double create, double start, delete while running.
+    let b3dir = TempDir::new("cli-errors-run");
+    let b3 = bundle(&b3dir, |s| args(s, &["sleep", "60"]));
+    let pid = create(&root, &b3, "twice");
+    let err = fails(
+        &root,
+        &["create", "--bundle", b3.to_str().unwrap(), "twice"],
+    );
+    assert!(err.contains("already exists"), "{err}");
+    ok(&root, &["start", "twice"]);
+    assert!(fails(&root, &["start", "twice"]).contains("already running"));
+    assert!(fails(&root, &["kill", "twice", "NOSIG"]).contains("unknown signal"));
+    assert!(fails(&root, &["delete", "twice"]).contains("not stopped"));
+    ok(&root, &["delete", "--force", "twice"]);
+    wait_pid(pid);
+    assert_container_gone(&root, "twice");
+}
+
+/// Runs `bundle` under runc (create, start, then `then`) and returns how its init ended.
+fn runc_status(b: &Path, id: &str, then: &[&str]) -> WaitStatus {
+    let root = b.join("runc-state");
+    let pid_file = b.join("runc.pid");
+    let run = |a: &[&str]| {
+        let st = Command::new("runc")
+            .arg("--root")
+            .arg(&root)
+            .args(a)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .expect("running runc");
+        assert!(st.success(), "runc {a:?}");
+    };
+    run(&[
+        "create",
+        "--bundle",
+        b.to_str().unwrap(),
+        "--pid-file",
+        pid_file.to_str().unwrap(),
+        id,
+    ]);
+    let pid: i32 = std::fs::read_to_string(&pid_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    run(&["start", id]);
+    if !then.is_empty() {
+        let mut a = then.to_vec();
+        a.insert(1, id);
+        run(&a);
+    }
+    let status = wait_pid(pid);
+    run(&["delete", "--force", id]);
+    status
+}
+
+fn hull_status(root: &Path, b: &Path, id: &str, then: &[&str]) -> WaitStatus {
+    let pid = create(root, b, id);
+    ok(root, &["start", id]);
+    if !then.is_empty() {
+        let mut a = then.to_vec();
+        a.insert(1, id);
+        ok(root, &a);
+    }
+    let status = wait_pid(pid);
+    ok(root, &["delete", id]);
+    assert_container_gone(root, id);
+    status
+}
+
+/// The pid of a WaitStatus, made equal so statuses of different processes compare.
+fn normalized(s: WaitStatus) -> String {
+    match s {
+        WaitStatus::Exited(_, c) => format!("exited {c}"),
+        WaitStatus::Signaled(_, sig, _) => format!("killed by {sig}"),
+        other => format!("{other:?}"),
+    }
+}
+
+#[test]
+fn the_monitor_ends_as_runcs_container_process_does() {
+    become_subreaper();
+    let dir = TempDir::new("cli-mirror");
+    let root = dir.path().join("state");
+    let cases: [(&[&str], &[&str], &str); 2] = [
+        (&["sh", "-c", "exit 3"], &[], "exited 3"),
+        (&["sleep", "60"], &["kill", "KILL"], "killed by SIGKILL"),
+    ];
+    for (i, (cmd, then, want)) in cases.iter().enumerate() {
+        let bdir = TempDir::new(&format!("cli-mirror-{i}"));
+        let b = bundle(&bdir, |s| args(s, cmd));
+        let id = format!("mirror{i}");
+        let runc = normalized(runc_status(&b, &id, then));
+        let ours = normalized(hull_status(&root, &b, &id, then));
+        assert_eq!((ours.as_str(), runc.as_str()), (*want, *want), "{cmd:?}");
+    }
+}
+
+#[test]
+fn exec_runs_in_the_container_attached_and_detached() {
+    become_subreaper();
+    let dir = TempDir::new("cli-exec");
+    let root = dir.path().join("state");
+    let b = bundle(&dir, |s| args(s, &["sleep", "60"]));
+    let pid = create(&root, &b, "ex");
+    ok(&root, &["start", "ex"]);
+
+    let out = hull(
+        &root,
+        &[
+            "exec",
+            "-e",
+            "X=42",
+            "--cwd",
+            "/tmp",
+            "ex",
+            "sh",
+            "-c",
+            "echo $X $(pwd); exit 4",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(4), "{out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "42 /tmp\n");
+    let out = hull(&root, &["exec", "--user", "1000:10", "ex", "id"]);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "uid=1000(hull) gid=10(wheel)\n"
+    );
+
+    // Detached, from a process file, as conmon and containerd's shim call it.
+    let process = json!({"args": ["sh", "-c", "sleep 3; exit 6"], "cwd": "/", "user": {"uid": 0, "gid": 0},
+        "env": ["PATH=/bin:/usr/bin"], "terminal": false});
+    let pfile = dir.path().join("process.json");
+    std::fs::write(&pfile, process.to_string()).unwrap();
+    let epid_file = dir.path().join("exec.pid");
+    // The detached process keeps the stdio it is given, as with runc: not our pipes.
+    let st = Command::new(hull_bin())
+        .arg("--root")
+        .arg(&root)
+        .args(["exec", "--detach", "--pid-file"])
+        .arg(&epid_file)
+        .arg("--process")
+        .arg(&pfile)
+        .arg("ex")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let epid: i32 = std::fs::read_to_string(&epid_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let pids: Vec<u32> =
+        serde_json::from_str(&ok(&root, &["ps", "--format", "json", "ex"])).unwrap();
+    assert!(pids.len() >= 2, "{pids:?}");
+    assert_eq!(normalized(wait_pid(epid)), "exited 6");
+
+    ok(&root, &["delete", "--force", "ex"]);
+    wait_pid(pid);
+    assert!(fails(&root, &["exec", "ex", "true"]).contains("does not exist"));
+    assert_container_gone(&root, "ex");
+}
+
+/// Receives the pty master `hull` sends to a console socket.
+fn receive_master(listener: &UnixListener) -> OwnedFd {
+    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
+    let (conn, _) = listener.accept().expect("accepting the console connection");
+    let mut buf = [0u8; 256];
+    let mut iov = [std::io::IoSliceMut::new(&mut buf)];
+    let mut space = nix::cmsg_space!([std::os::fd::RawFd; 1]);
+    let msg = recvmsg::<()>(
+        conn.as_raw_fd(),
+        &mut iov,
+        Some(&mut space),
+        MsgFlags::empty(),
+    )
+    .expect("recvmsg");
+    for c in msg.cmsgs() {
+        if let ControlMessageOwned::ScmRights(fds) = c {
+            // SAFETY: the kernel just gave us this descriptor.
+            return unsafe { OwnedFd::from_raw_fd(fds[0]) };
+        }
+    }
+    panic!("no descriptor came with the console message");
+}
+
+#[test]
+fn a_terminal_goes_through_the_console_socket() {
+    become_subreaper();
+    let dir = TempDir::new("cli-tty");
+    let root = dir.path().join("state");
+    let b = bundle(&dir, |s| {
+        args(s, &["sh", "-c", "tty; stty size; exit 3"]);
+        s["process"]["terminal"] = json!(true);
+    });
+    let sock = dir.path().join("console.sock");
+    let listener = UnixListener::bind(&sock).unwrap();
+    let pid_file = dir.path().join("tty.pid");
+    let mut create = Command::new(hull_bin())
+        .arg("--root")
+        .arg(&root)
+        .args([
+            "create",
+            "--bundle",
+            b.to_str().unwrap(),
+            "--console-socket",
+        ])
+        .arg(&sock)
+        .arg("--pid-file")
+        .arg(&pid_file)
+        .arg("tty")
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    let master = receive_master(&listener);
+    let ws = libc::winsize {
+        ws_row: 33,
+        ws_col: 99,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCSWINSZ reads a winsize from memory we own.
+    assert_eq!(
+        unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSWINSZ, &ws) },
+        0
+    );
+    assert!(create.wait().unwrap().success());
+    let pid: i32 = std::fs::read_to_string(&pid_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    ok(&root, &["start", "tty"]);
+    let mut out = Vec::new();
+    let _ = File::from(master).read_to_end(&mut out);
+    let out = String::from_utf8_lossy(&out);
+    assert!(out.contains("/dev/pts/0"), "{out:?}");
+    assert!(out.contains("33 99"), "{out:?}");
+    assert_eq!(normalized(wait_pid(pid)), "exited 3");
+    ok(&root, &["delete", "tty"]);
+    assert_container_gone(&root, "tty");
+}
+
+#[test]
+fn pause_resume_update_and_events() {
+    become_subreaper();
+    let dir = TempDir::new("cli-pause");
+    let root = dir.path().join("state");
+    let b = bundle(&dir, |s| {
+        args(s, &["sleep", "60"]);
+        s["linux"]["resources"] = json!({"memory": {"limit": 100 << 20}, "pids": {"limit": 30}});
+    });
+    let pid = create(&root, &b, "pz");
+    ok(&root, &["start", "pz"]);
+    let read = |file: &str| {
+        let out = hull(
+            &root,
+            &["exec", "pz", "cat", &format!("/sys/fs/cgroup/{file}")],
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    assert_eq!(read("memory.max"), (100u64 << 20).to_string());
+    assert_eq!(read("pids.max"), "30");
+
+    ok(&root, &["pause", "pz"]);
+    assert_eq!(state(&root, "pz")["status"], "paused");
+    assert!(fails(&root, &["exec", "pz", "true"]).contains("paused"));
+    assert!(fails(&root, &["pause", "pz"]).contains("not running"));
+    ok(&root, &["resume", "pz"]);
+    assert_eq!(state(&root, "pz")["status"], "running");
+
+    ok(
+        &root,
+        &["update", "--memory", "64m", "--pids-limit", "20", "pz"],
+    );
+    assert_eq!(read("memory.max"), (64u64 << 20).to_string());
+    assert_eq!(read("pids.max"), "20");
+    let res = dir.path().join("res.json");
+    std::fs::write(&res, r#"{"cpu": {"quota": 50000, "period": 100000}}"#).unwrap();
+    ok(
+        &root,
+        &["update", "--resources", res.to_str().unwrap(), "pz"],
+    );
+    assert_eq!(read("cpu.max"), "50000 100000");
+    let ev: Value = serde_json::from_str(&ok(&root, &["events", "--stats", "pz"])).unwrap();
+    assert_eq!(ev["type"], "stats");
+    assert_eq!(ev["data"]["memory"]["usage"]["limit"], 64u64 << 20);
+    assert!(ev["data"]["pids"]["current"].as_u64().unwrap() >= 1, "{ev}");
+
+    ok(&root, &["kill", "--all", "pz", "KILL"]);
+    assert_eq!(normalized(wait_pid(pid)), "killed by SIGKILL");
+    ok(&root, &["delete", "pz"]);
+    assert_container_gone(&root, "pz");
+}
+
+#[test]
+fn the_vm_runs_in_the_engines_host_cgroup() {
+    become_subreaper();
+    let dir = TempDir::new("cli-cgroup");
+    let root = dir.path().join("state");
+    let id = format!("cg{}", std::process::id());
+    let b = bundle(&dir, |s| {
+        args(s, &["sleep", "60"]);
+        s["linux"]["cgroupsPath"] = json!(format!("/hull-test/{id}"));
+    });
+    let pid = create(&root, &b, &id);
+    let st: Value =
+        serde_json::from_slice(&std::fs::read(root.join(&id).join("state.json")).unwrap()).unwrap();
+    let dirs: Vec<PathBuf> = st["host_cgroups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| PathBuf::from(d.as_str().unwrap()))
+        .collect();
+    assert!(!dirs.is_empty());
+    for d in &dirs {
+        let procs = std::fs::read_to_string(d.join("cgroup.procs")).unwrap();
+        let procs: Vec<i32> = procs.lines().filter_map(|l| l.parse().ok()).collect();
+        assert!(
+            procs.contains(&pid),
+            "the monitor is not in {}",
+            d.display()
+        );
+        assert!(
+            procs.len() >= 3,
+            "the VM and helpers are not in {}: {procs:?}",
+            d.display()
+        );
+    }
+    ok(&root, &["delete", "--force", &id]);
+    wait_pid(pid);
+    for d in &dirs {
+        assert!(!d.exists(), "{} was left behind", d.display());
+        let _ = std::fs::remove_dir(d.parent().unwrap());
+    }
+    assert_container_gone(&root, &id);
+}
