@@ -406,10 +406,8 @@ fn a_terminal_goes_through_the_console_socket() {
         ws_ypixel: 0,
     };
     // SAFETY: TIOCSWINSZ reads a winsize from memory we own.
-    assert_eq!(
-        unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSWINSZ, &ws) },
-        0
-    );
+    let rc = unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSWINSZ, &ws) };
+    assert_eq!(rc, 0);
     assert!(create.wait().unwrap().success());
     let pid: i32 = std::fs::read_to_string(&pid_file)
         .unwrap()
