@@ -205,17 +205,6 @@ impl Sandbox {
         Ok((port, l))
     }
 
-    /// The process groups of the VMM and helpers, for a cleanup by someone else when the
-    /// process holding this sandbox died.
-    pub fn process_groups(&self) -> Vec<i32> {
-        self.vmm
-            .pid()
-            .into_iter()
-            .map(|p| p as i32)
-            .chain(self.helpers.iter().map(|(_, c)| c.id() as i32))
-            .collect()
-    }
-
     /// Whether the VMM process has ended (crashed, killed, or the guest reset).
     pub fn vmm_exited(&mut self) -> bool {
         matches!(self.vmm.try_wait(), Ok(Some(_)) | Err(_))

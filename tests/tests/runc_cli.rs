@@ -519,3 +519,60 @@ fn the_vm_runs_in_the_engines_host_cgroup() {
     }
     assert_container_gone(&root, &id);
 }
+
+/// Pids whose command line names `dir` (the VM and helpers of a sandbox).
+fn processes_naming(dir: &Path) -> Vec<i32> {
+    let needle = format!("{}/", dir.display());
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .map(|c| {
+                    String::from_utf8_lossy(&c)
+                        .replace('\0', " ")
+                        .contains(&needle)
+                })
+                .unwrap_or(false)
+        })
+        .collect()
+}
+
+#[test]
+fn a_dead_vmm_or_monitor_reads_as_stopped_and_delete_cleans_up() {
+    become_subreaper();
+    let dir = TempDir::new("cli-crash");
+    let root = dir.path().join("state");
+    let b = bundle(&dir, |s| args(s, &["sleep", "60"]));
+
+    // The VMM dies: the container counts as killed, the monitor says so and cleans up.
+    let pid = create(&root, &b, "vmmdies");
+    ok(&root, &["start", "vmmdies"]);
+    let sandbox = hull_tests::sandbox_dir(&root, "vmmdies");
+    let qemu: Vec<i32> = processes_naming(&sandbox)
+        .into_iter()
+        .filter(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/comm")).is_ok_and(|c| c.starts_with("qemu"))
+        })
+        .collect();
+    assert_eq!(qemu.len(), 1, "{qemu:?}");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(qemu[0]), Signal::SIGKILL).unwrap();
+    assert_eq!(normalized(wait_pid(pid)), "killed by SIGKILL");
+    assert_eq!(state(&root, "vmmdies")["status"], "stopped");
+    ok(&root, &["delete", "vmmdies"]);
+    assert_container_gone(&root, "vmmdies");
+
+    // The monitor dies: the container reads as stopped and delete removes what it left.
+    let pid = create(&root, &b, "mondies");
+    ok(&root, &["start", "mondies"]);
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL).unwrap();
+    wait_pid(pid);
+    assert_eq!(state(&root, "mondies")["status"], "stopped");
+    ok(&root, &["delete", "mondies"]);
+    assert!(eventually(5, || processes_naming(
+        &hull_tests::sandbox_dir(&root, "mondies")
+    )
+    .is_empty()));
+    assert_container_gone(&root, "mondies");
+}

@@ -193,7 +193,6 @@ fn boot_container(g: &Global, store: &Store, b: &Bundle, console: &Console) -> R
         pid: me,
         pid_start: process_start(me).map(|(s, _)| s).unwrap_or_default(),
         sandbox_dir: sandbox.dir().to_path_buf(),
-        process_groups: sandbox.process_groups(),
         host_cgroups: joined.map(|j| j.leaves()).unwrap_or_default(),
         annotations: b.spec.annotations().clone().unwrap_or_default(),
     };
@@ -393,22 +392,28 @@ fn kill(g: &Global, args: &[String]) -> Result<i32> {
     Ok(0)
 }
 
-/// Whether `pid` is a process of the sandbox in `dir` (its command line names the dir),
-/// so that a recycled pid is never killed.
-fn belongs_to(pid: i32, dir: &Path) -> bool {
-    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
-        return false;
+/// Processes whose command line names a path under `dir` (the VMM and helpers of that
+/// sandbox: its directory name is unique), so that a recycled pid is never killed.
+fn processes_of(dir: &Path) -> Vec<i32> {
+    let mut needle = dir.as_os_str().as_encoded_bytes().to_vec();
+    needle.push(b'/');
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
     };
-    let needle = dir.as_os_str().as_encoded_bytes();
-    cmdline.windows(needle.len()).any(|w| w == needle)
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| c.windows(needle.len()).any(|w| w == needle.as_slice()))
+        })
+        .collect()
 }
 
 /// Removes what a dead monitor left: its VMM and helpers, mounts, the sandbox directory.
 fn clean_sandbox(state: &State) {
-    for &pg in &state.process_groups {
-        if belongs_to(pg, &state.sandbox_dir) {
-            let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pg), Signal::SIGKILL);
-        }
+    for pid in processes_of(&state.sandbox_dir) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL);
     }
     let dir = &state.sandbox_dir;
     if !dir.exists() {

@@ -50,9 +50,6 @@ pub struct State {
     pub pid_start: u64,
     /// The sandbox directory (VM sockets, share).
     pub sandbox_dir: PathBuf,
-    /// Process groups of the VMM and its helpers, for a cleanup after a crashed monitor.
-    #[serde(default)]
-    pub process_groups: Vec<i32>,
     /// Host cgroup directories made for the container (removed by delete).
     #[serde(default)]
     pub host_cgroups: Vec<PathBuf>,
