@@ -125,6 +125,14 @@ pub fn try_exit(pid: i32) -> Option<Exit> {
     lock().as_ref()?.procs.get(&pid).copied().flatten()
 }
 
+/// Signals tracked `pid` if it has not exited; under the table's lock, so the pid cannot
+/// have been reaped and reused meanwhile. Returns whether it was signalled.
+pub fn kill_if_running(pid: i32, sig: Signal) -> bool {
+    let guard = lock();
+    let running = matches!(guard.as_ref().and_then(|t| t.procs.get(&pid)), Some(None));
+    running && nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig).is_ok()
+}
+
 /// Stops tracking `pid`.
 pub fn forget(pid: i32) {
     if let Some(table) = lock().as_mut() {

@@ -163,11 +163,14 @@ impl AgentClient {
             .inner
             .wait_process(ctx(None), &req)
             .map_err(|e| call_error("wait", e))?;
-        Ok(if r.signal != 0 {
-            ProcessExit::Signal(r.signal)
-        } else {
-            ProcessExit::Code(r.exit_code)
-        })
+        // The guest's word: only what a process can really end with is believed.
+        match (r.signal, r.exit_code) {
+            (0, c) if (0..=255).contains(&c) => Ok(ProcessExit::Code(c)),
+            (s @ 1..=64, _) => Ok(ProcessExit::Signal(s)),
+            (s, c) => Err(AgentError::Call(format!(
+                "the agent reported an impossible exit (code {c}, signal {s})"
+            ))),
+        }
     }
 
     pub fn close_stdin(&self, id: &str, exec_id: &str) -> Result<(), AgentError> {

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
 
-use hull_tests::{assert_container_gone, busybox, hull_bin, run_root, TempDir};
+use hull_tests::{assert_container_gone, busybox, hull_bin, TempDir};
 
 const IMAGE: &str = "localhost/hull-busybox:latest";
 
@@ -102,7 +102,9 @@ fn podman_run(dir: &TempDir, opts: &[&str], cmd: &[&str]) -> Output {
 }
 
 fn assert_gone(cid: &str) {
-    assert_container_gone(&run_root(), cid);
+    // Podman passes no --root: hull's default.
+    let root = hull_shim::cli::runc::default_root(&hull_shim::config::Config::default());
+    assert_container_gone(&root, cid);
     let cg = Path::new("/sys/fs/cgroup/memory/libpod_parent").join(format!("libpod-{cid}"));
     assert!(!cg.exists(), "{} was left behind", cg.display());
 }

@@ -176,6 +176,11 @@ fn runc_errors_name_what_is_wrong_and_leave_nothing() {
     );
     assert!(err.contains("/no/such/dir"), "{err}");
     assert_container_gone(&root, "nobind");
+    // A directory in the root that is not a container is not touched by delete.
+    std::fs::create_dir_all(root.join("junk/keep")).unwrap();
+    assert!(fails(&root, &["delete", "junk"]).contains("does not exist"));
+    assert!(root.join("junk/keep").is_dir());
+    ok(&root, &["delete", "--force", "never-was"]);
     // A bad signal and a bad flag.
     assert!(fails(&root, &["create", "--bogus", "x"]).contains("unknown flag --bogus"));
 
@@ -279,6 +284,28 @@ fn the_monitor_ends_as_runcs_container_process_does() {
     }
 }
 
+/// `hull exec --detach --pid-file PID_FILE ARGS`, with null stdio (a detached process
+/// keeps what it is given, as with runc); returns the pid from the file.
+fn exec_detached(root: &Path, pid_file: &Path, args: &[&str]) -> i32 {
+    let st = Command::new(hull_bin())
+        .arg("--root")
+        .arg(root)
+        .args(["exec", "--detach", "--pid-file"])
+        .arg(pid_file)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(st.success(), "hull exec --detach {args:?}");
+    std::fs::read_to_string(pid_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
 #[test]
 fn exec_runs_in_the_container_attached_and_detached() {
     become_subreaper();
@@ -316,30 +343,31 @@ fn exec_runs_in_the_container_attached_and_detached() {
     let pfile = dir.path().join("process.json");
     std::fs::write(&pfile, process.to_string()).unwrap();
     let epid_file = dir.path().join("exec.pid");
-    // The detached process keeps the stdio it is given, as with runc: not our pipes.
-    let st = Command::new(hull_bin())
-        .arg("--root")
-        .arg(&root)
-        .args(["exec", "--detach", "--pid-file"])
-        .arg(&epid_file)
-        .arg("--process")
-        .arg(&pfile)
-        .arg("ex")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .unwrap();
-    assert!(st.success());
-    let epid: i32 = std::fs::read_to_string(&epid_file)
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
+    let epid = exec_detached(
+        &root,
+        &epid_file,
+        &["--process", pfile.to_str().unwrap(), "ex"],
+    );
     let pids: Vec<u32> =
         serde_json::from_str(&ok(&root, &["ps", "--format", "json", "ex"])).unwrap();
     assert!(pids.len() >= 2, "{pids:?}");
     assert_eq!(normalized(wait_pid(epid)), "exited 6");
+
+    // An engine SIGKILLs the process standing for an exec (containerd's shim does): the
+    // exec'd process in the guest goes with it.
+    let epid = exec_detached(&root, &epid_file, &["ex", "sleep", "100"]);
+    let count = || {
+        serde_json::from_str::<Vec<u32>>(&ok(&root, &["ps", "--format", "json", "ex"]))
+            .unwrap()
+            .len()
+    };
+    assert_eq!(count(), 2);
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(epid), Signal::SIGKILL).unwrap();
+    wait_pid(epid);
+    assert!(
+        eventually(10, || count() == 1),
+        "the exec outlived its monitor"
+    );
 
     ok(&root, &["delete", "--force", "ex"]);
     wait_pid(pid);
@@ -570,9 +598,34 @@ fn a_dead_vmm_or_monitor_reads_as_stopped_and_delete_cleans_up() {
     wait_pid(pid);
     assert_eq!(state(&root, "mondies")["status"], "stopped");
     ok(&root, &["delete", "mondies"]);
+    // With the monitor dead, virtiofsd's sandbox child was re-parented to this process
+    // (a subreaper, as engines are); reap it as they would.
+    reap_zombies_named("virtiofsd");
     assert!(eventually(5, || processes_naming(
         &hull_tests::sandbox_dir(&root, "mondies")
     )
     .is_empty()));
     assert_container_gone(&root, "mondies");
+}
+
+/// Reaps this process's zombie children whose command is `comm`.
+fn reap_zombies_named(comm: &str) {
+    let me = std::process::id().to_string();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|p| p.parse::<i32>().ok()) else {
+            continue;
+        };
+        let stat = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
+        let Some(rest) = stat.rfind(')').map(|i| &stat[i + 2..]) else {
+            continue;
+        };
+        let fields: Vec<&str> = rest.split(' ').collect();
+        let name = std::fs::read_to_string(e.path().join("comm")).unwrap_or_default();
+        if fields.first() == Some(&"Z")
+            && fields.get(1) == Some(&me.as_str())
+            && name.trim() == comm
+        {
+            wait_pid(pid);
+        }
+    }
 }

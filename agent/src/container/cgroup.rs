@@ -29,6 +29,10 @@ fn ensure_parent() -> Result<PathBuf> {
                 }
             })
             .with_context(|| format!("creating {}", parent.display()))?;
+    }
+    let enabled =
+        std::fs::read_to_string(parent.join("cgroup.subtree_control")).unwrap_or_default();
+    if enabled.trim().is_empty() {
         let controllers =
             std::fs::read_to_string(parent.join("cgroup.controllers")).unwrap_or_default();
         let enable: Vec<String> = controllers
@@ -68,7 +72,8 @@ pub fn resource_writes(r: &LinuxResources) -> Result<Vec<(String, String)>> {
         if let Some(res) = m.reservation() {
             w.push(("memory.low".into(), limit(res)));
         }
-        if let Some(swap) = m.swap() {
+        // 0 means unset (as runc reads it).
+        if let Some(swap) = m.swap().filter(|s| *s != 0) {
             // OCI's swap is memory+swap (v1 memsw); v2 limits swap alone.
             let v2 = match (swap, m.limit()) {
                 (s, _) if s < 0 => "max".to_string(),

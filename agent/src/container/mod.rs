@@ -278,6 +278,13 @@ impl Manager {
             bail!("process.terminal and the stdio request disagree");
         }
         let (stdio_fds, tty_stream) = open_process_stdio(&stdio)?;
+        // The host's end of this stream closes when the process that stands for the exec
+        // on the host goes: then the exec goes too (engines SIGKILL that process).
+        let watched = match (&tty_stream, stdio.stdout) {
+            (Some(tty), _) => Some(tty.try_clone()?),
+            (None, 0) => None,
+            (None, _) => Some(stdio_fds[1].try_clone()?),
+        };
         let (helper, ours) = spawn_helper(0, exec::ARG, stdio_fds)?;
         let pid_msg = c.init.pid.to_string();
         let result = self.handshake(
@@ -299,9 +306,16 @@ impl Manager {
             .lock()
             .map_err(|_| anyhow!("poisoned"))?
             .insert(exec_id.to_string(), proc_.clone());
+        // Opened while the process waits for start: it cannot have been reaped yet.
+        let exited = pidfd_open(pid);
         if let Err(e) = start_proc(&proc_) {
             let _ = reaper::wait(pid);
             return Err(e);
+        }
+        match (watched, exited) {
+            (Some(fd), Ok(pidfd)) => kill_on_hangup(fd, pidfd, pid),
+            (Some(_), Err(e)) => eprintln!("hull-agent: cannot watch exec {pid}: {e}"),
+            _ => {}
         }
         Ok(())
     }
@@ -472,6 +486,53 @@ impl Manager {
             let _ = self.remove(&id);
         }
         let _ = std::io::stderr().flush();
+    }
+}
+
+/// A descriptor that becomes readable when process `pid` exits.
+fn pidfd_open(pid: i32) -> std::io::Result<OwnedFd> {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: the kernel just gave us this descriptor.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+/// SIGKILLs `pid` once the host closes the stream `fd` (its stdout or terminal), unless
+/// it has exited by then (`pidfd` readable: then the stream is let go at once, so the host
+/// sees its EOF). Only the hang-up is polled: data on a terminal stream is the relay's.
+fn kill_on_hangup(fd: OwnedFd, pidfd: OwnedFd, pid: i32) {
+    let spawned = std::thread::Builder::new()
+        .name(format!("hangup-{pid}"))
+        .spawn(move || loop {
+            let mut pfds = [
+                libc::pollfd {
+                    fd: fd.as_raw_fd(),
+                    events: libc::POLLRDHUP,
+                    revents: 0,
+                },
+                libc::pollfd {
+                    fd: pidfd.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+            ];
+            // SAFETY: two pollfds we own, for descriptors we own (nix 0.26 lacks POLLRDHUP).
+            let n = unsafe { libc::poll(pfds.as_mut_ptr(), 2, -1) };
+            if n > 0 {
+                if pfds[1].revents == 0 && reaper::kill_if_running(pid, Signal::SIGKILL) {
+                    eprintln!("hull-agent: the host side of exec {pid} went away; killed it");
+                }
+                return;
+            }
+            if n < 0 && std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
+                return;
+            }
+        });
+    if let Err(e) = spawned {
+        eprintln!("hull-agent: cannot watch exec {pid}: {e}");
     }
 }
 

@@ -111,7 +111,7 @@ fn main() -> ExitCode {
                 root: parsed
                     .get("root")
                     .map(PathBuf::from)
-                    .unwrap_or_else(|| config.run_root.clone()),
+                    .unwrap_or_else(|| runc::default_root(&config)),
                 log,
                 log_json: parsed.get("log-format") == Some("json"),
                 debug: parsed.is_set("debug"),

@@ -399,19 +399,21 @@ pub fn exit_like(exit: ProcessExit) -> ! {
     use std::io::Write;
     let _ = std::io::stdout().flush();
     let _ = std::io::stderr().flush();
-    if let ProcessExit::Signal(s) = exit {
-        if let Ok(sig) = Signal::try_from(s as i32) {
-            let _ = nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_CORE, 0, 0);
-            // SAFETY: resetting a disposition to the default has no memory effects.
-            unsafe {
-                let _ = nix::sys::signal::signal(sig, nix::sys::signal::SigHandler::SigDfl);
-            }
-            let mut set = SigSet::empty();
-            set.add(sig);
-            let _ = nix::sys::signal::pthread_sigmask(SigmaskHow::SIG_UNBLOCK, Some(&set), None);
-            let _ = nix::sys::signal::raise(sig);
-            std::thread::sleep(Duration::from_millis(100));
+    if let ProcessExit::Signal(s @ 1..=64) = exit {
+        let sig = s as libc::c_int;
+        let _ = nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_CORE, 0, 0);
+        // SAFETY: plain libc calls on a signal number (real-time ones included, which nix's
+        // Signal cannot name): default disposition, unblock it, raise it. No memory of ours
+        // is touched.
+        unsafe {
+            libc::signal(sig, libc::SIG_DFL);
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            libc::sigaddset(&mut set, sig);
+            libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
+            libc::raise(sig);
         }
+        std::thread::sleep(Duration::from_millis(100));
     }
     std::process::exit(exit_status(exit))
 }
@@ -446,7 +448,10 @@ pub fn fork_monitor(child: impl FnOnce(Reporter) -> i32) -> Result<i32> {
         nix::unistd::ForkResult::Child => {
             drop(r);
             let _ = nix::unistd::setsid();
-            let code = child(Reporter(w));
+            // A panic must not unwind into the parent's frames (and their destructors).
+            let code =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| child(Reporter(w))))
+                    .unwrap_or(101);
             std::process::exit(code)
         }
         nix::unistd::ForkResult::Parent { child } => {

@@ -171,6 +171,13 @@ pub fn vm_size(spec: &oci_spec::runtime::Spec, config: &Config) -> (u32, u64) {
             _ => None,
         })
         .unwrap_or(config.default_vcpus)
+        // A cpuset names guest CPUs: the VM must have them.
+        .max(
+            resources
+                .and_then(|r| r.cpu().as_ref())
+                .and_then(|c| c.cpus().as_deref().and_then(highest_cpu))
+                .map_or(0, |h| h + 1),
+        )
         .clamp(1, host_cpus.max(config.default_vcpus));
     let memory = resources
         .and_then(|r| r.memory().as_ref())
@@ -180,6 +187,14 @@ pub fn vm_size(spec: &oci_spec::runtime::Spec, config: &Config) -> (u32, u64) {
         .unwrap_or(0)
         .max(config.default_memory_mib);
     (vcpus, memory)
+}
+
+/// The highest CPU number in a cpuset list such as "0-2,5".
+fn highest_cpu(list: &str) -> Option<u32> {
+    list.split(',')
+        .filter_map(|part| part.trim().rsplit('-').next()?.trim().parse::<u32>().ok())
+        .max()
+        .filter(|n| *n < 1024)
 }
 
 #[cfg(test)]
@@ -260,5 +275,8 @@ mod tests {
         let none: oci_spec::runtime::Spec =
             serde_json::from_value(json!({"ociVersion": "1.0.2"})).unwrap();
         assert_eq!(vm_size(&none, &config), (1, config.default_memory_mib));
+        assert_eq!(highest_cpu("0-2,5"), Some(5));
+        assert_eq!(highest_cpu("1"), Some(1));
+        assert_eq!(highest_cpu("x"), None);
     }
 }

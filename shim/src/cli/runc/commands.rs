@@ -129,6 +129,13 @@ fn boot_container(g: &Global, store: &Store, b: &Bundle, console: &Console) -> R
     let (vcpus, memory_mib) = bundle::vm_size(&b.spec, &g.config);
     let mut config = g.config.clone();
     config.run_root = sandbox_root(&g.config.run_root);
+    // A sandbox of an earlier container with this id that was not cleaned up (its state
+    // is gone, or create could not have made the state directory): stale.
+    let stale = config.run_root.join(sandbox_name(&store.dir));
+    if stale.exists() {
+        tracing::warn!("removing the stale sandbox {}", stale.display());
+        clean_sandbox_dir(&stale);
+    }
     let mut sandbox = Sandbox::new(
         &config,
         SandboxSpec {
@@ -156,6 +163,7 @@ fn boot_container(g: &Global, store: &Store, b: &Bundle, console: &Console) -> R
         Some(p) => Some(host_cgroup::join(&host_cgroup::relative_path(
             &p.to_string_lossy(),
             &cid,
+            g.systemd_cgroup,
         )?)?),
         None => None,
     };
@@ -193,10 +201,16 @@ fn boot_container(g: &Global, store: &Store, b: &Bundle, console: &Console) -> R
         pid: me,
         pid_start: process_start(me).map(|(s, _)| s).unwrap_or_default(),
         sandbox_dir: sandbox.dir().to_path_buf(),
-        host_cgroups: joined.map(|j| j.leaves()).unwrap_or_default(),
+        host_cgroups: joined.as_ref().map(|j| j.leaves()).unwrap_or_default(),
         annotations: b.spec.annotations().clone().unwrap_or_default(),
     };
-    store.save(&state)?;
+    if let Err(e) = store.save(&state) {
+        drop(sandbox);
+        if let Some(j) = joined {
+            j.undo();
+        }
+        return Err(e);
+    }
     Ok(Booted { sandbox, agent, io })
 }
 
@@ -265,7 +279,7 @@ fn create(g: &Global, args: &[String]) -> Result<i32> {
     let (s, lock) = new_container(g, &p, &b)?;
     match spawn_init_monitor(g, &s, &b, &console, &lock) {
         Ok(pid) => {
-            write_pid_file(p.get("pid-file"), pid)?;
+            write_pid_file(p.get("pid-file"), pid).map_err(|e| abort(&s, e))?;
             Ok(0)
         }
         Err(e) => {
@@ -288,12 +302,13 @@ fn run(g: &Global, args: &[String]) -> Result<i32> {
                 return Err(e);
             }
         };
-        let mut state = s.load()?;
-        s.agent(&state)?.start_container(&s.id)?;
-        state.status = Status::Running;
-        s.save(&state)?;
-        write_pid_file(p.get("pid-file"), pid)?;
-        return Ok(0);
+        let started = s.load().and_then(|mut state| {
+            s.agent(&state)?.start_container(&s.id)?;
+            state.status = Status::Running;
+            s.save(&state)?;
+            write_pid_file(p.get("pid-file"), pid)
+        });
+        return started.map(|()| 0).map_err(|e| abort(&s, e));
     }
     // In the foreground this process is the monitor.
     monitor::block_signals()?;
@@ -304,9 +319,12 @@ fn run(g: &Global, args: &[String]) -> Result<i32> {
             return Err(e);
         }
     };
-    write_pid_file(p.get("pid-file"), std::process::id() as i32)?;
-    if let Err(e) = booted.agent.start_container(&s.id) {
-        eprintln!("hull: {e}");
+    let started = write_pid_file(p.get("pid-file"), std::process::id() as i32)
+        .and_then(|()| Ok(booted.agent.start_container(&s.id)?));
+    if let Err(e) = started {
+        eprintln!("hull: {e:#}");
+        // The init never runs: end it, and the wait below returns.
+        let _ = booted.agent.signal(&s.id, "", Signal::SIGKILL as i32);
     } else if let Ok(mut state) = s.load() {
         state.status = Status::Running;
         let _ = s.save(&state);
@@ -314,6 +332,9 @@ fn run(g: &Global, args: &[String]) -> Result<i32> {
     drop(lock);
     let exit = serve_init(&s, booted);
     if !p.is_set("keep") {
+        if let Ok(state) = s.load() {
+            host_cgroup::leave_and_remove(&state.host_cgroups);
+        }
         let _ = std::fs::remove_dir_all(&s.dir);
     }
     monitor::exit_like(exit)
@@ -412,10 +433,14 @@ fn processes_of(dir: &Path) -> Vec<i32> {
 
 /// Removes what a dead monitor left: its VMM and helpers, mounts, the sandbox directory.
 fn clean_sandbox(state: &State) {
-    for pid in processes_of(&state.sandbox_dir) {
+    clean_sandbox_dir(&state.sandbox_dir);
+}
+
+fn clean_sandbox_dir(dir: &Path) {
+    for pid in processes_of(dir) {
         let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL);
     }
-    let dir = &state.sandbox_dir;
+    wait_until(Duration::from_secs(5), || processes_of(dir).is_empty());
     if !dir.exists() {
         return;
     }
@@ -435,42 +460,87 @@ fn clean_sandbox(state: &State) {
     }
 }
 
+/// Kills what is left of a container (its init, then its monitor and VM if they do not
+/// go), cleans up the sandbox and host cgroups, and removes its state directory.
+fn destroy(s: &Store, state: Option<&State>) -> Result<()> {
+    if let Some(state) = state {
+        if s.status(state) != Status::Stopped {
+            // The monitor sees the init die, tears the VM down and exits.
+            if let Ok(agent) = s.agent(state) {
+                let _ = agent.signal(&s.id, "", Signal::SIGKILL as i32);
+            }
+        }
+        let gone = |st: &State| !process_alive(st.pid, st.pid_start);
+        if !wait_until(Duration::from_secs(10), || gone(state)) {
+            tracing::warn!("the monitor {} did not exit; killing it", state.pid);
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(state.pid), Signal::SIGKILL);
+        }
+        clean_sandbox(state);
+        for cg in state.host_cgroups.iter().rev() {
+            // A killed VMM may take a moment to leave its cgroup.
+            wait_until(Duration::from_secs(5), || {
+                matches!(std::fs::remove_dir(cg), Ok(())) || !cg.exists()
+            });
+        }
+    }
+    // Never delete through a mount.
+    if !mounts_under(&s.dir).is_empty() {
+        bail!(
+            "not removing {}: something is mounted there",
+            s.dir.display()
+        );
+    }
+    std::fs::remove_dir_all(&s.dir).with_context(|| format!("removing {}", s.dir.display()))
+}
+
+/// Polls `done` every 10 ms until it says yes or `limit` passes; returns its last answer.
+fn wait_until(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if done() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    done()
+}
+
+/// After a failure once the monitor runs: take the container down again.
+fn abort(s: &Store, e: anyhow::Error) -> anyhow::Error {
+    let state = s.load().ok();
+    if let Some(st) = &state {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(st.pid), Signal::SIGKILL);
+    }
+    if let Err(e2) = destroy(s, state.as_ref()) {
+        tracing::error!("cleaning up after a failed create: {e2:#}");
+    }
+    e
+}
+
 fn delete(g: &Global, args: &[String]) -> Result<i32> {
     let p = parse_flags("delete", args, &[flag(&["force", "f"], false)])?;
+    let force = p.is_set("force");
     let s = store(g, &p, "delete")?;
-    if !s.dir.is_dir() {
+    if !s.exists() {
+        if force {
+            // As runc: forcing the delete of what is not there is not an error.
+            return Ok(0);
+        }
         bail!("container {:?} does not exist", s.id);
     }
     let _lock = s.lock()?;
-    if let Ok(state) = s.load() {
-        let status = s.status(&state);
-        if !matches!(status, Status::Stopped | Status::Created) && !p.is_set("force") {
+    let state = s.load().ok();
+    if let Some(state) = &state {
+        let status = s.status(state);
+        if !matches!(status, Status::Stopped | Status::Created) && !force {
             bail!(
                 "cannot delete container {} that is not stopped: {}",
                 s.id,
                 status.as_str()
             );
         }
-        if status != Status::Stopped {
-            // The monitor sees the init die, tears the VM down and exits.
-            if let Ok(agent) = s.agent(&state) {
-                let _ = agent.signal(&s.id, "", Signal::SIGKILL as i32);
-            }
-        }
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while process_alive(state.pid, state.pid_start) && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        if process_alive(state.pid, state.pid_start) {
-            tracing::warn!("the monitor {} did not exit; killing it", state.pid);
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(state.pid), Signal::SIGKILL);
-        }
-        clean_sandbox(&state);
-        for cg in state.host_cgroups.iter().rev() {
-            let _ = std::fs::remove_dir(cg);
-        }
     }
-    std::fs::remove_dir_all(&s.dir).with_context(|| format!("removing {}", s.dir.display()))?;
+    destroy(&s, state.as_ref())?;
     Ok(0)
 }
 
@@ -527,15 +597,18 @@ fn exec_process(s: &Store, p: &Parsed) -> Result<Value> {
     }
     proc_["env"] = json!(env);
     if let Some(user) = p.get("user") {
-        let (uid, gid) = user.split_once(':').unwrap_or((user, "0"));
-        let uid: u32 = uid
-            .parse()
-            .map_err(|_| anyhow::anyhow!("--user {user:?}: give UID[:GID], numeric"))?;
-        let gid: u32 = gid
-            .parse()
-            .map_err(|_| anyhow::anyhow!("--user {user:?}: give UID[:GID], numeric"))?;
+        let bad = || anyhow::anyhow!("--user {user:?}: give UID[:GID], numeric");
+        let (uid, gid) = match user.split_once(':') {
+            Some((u, g)) => (u, Some(g)),
+            None => (user, None),
+        };
+        let uid: u32 = uid.parse().map_err(|_| bad())?;
         proc_["user"]["uid"] = json!(uid);
-        proc_["user"]["gid"] = json!(gid);
+        // As runc: without a group, the spec's gid stays.
+        if let Some(gid) = gid {
+            let gid: u32 = gid.parse().map_err(|_| bad())?;
+            proc_["user"]["gid"] = json!(gid);
+        }
     }
     let gids: Vec<u32> = p
         .all("additional-gids")
@@ -586,7 +659,14 @@ fn start_exec(s: &Store, state: &State, process: &Value, console: &Console) -> R
         serde_json::to_vec(process)?,
         listeners.stdio.clone(),
     )?;
-    let io = Io::connect(listeners, console)?;
+    let io = match Io::connect(listeners, console) {
+        Ok(io) => io,
+        Err(e) => {
+            // Nobody would wait for it.
+            let _ = agent.signal(&s.id, &exec_id, Signal::SIGKILL as i32);
+            return Err(e);
+        }
+    };
     if let Some((rows, cols)) = io.size() {
         let _ = agent.resize_pty(&s.id, &exec_id, rows, cols);
     }
@@ -768,7 +848,11 @@ fn parse_bytes(s: &str) -> Result<i64> {
     let n: i64 = num
         .parse()
         .map_err(|_| anyhow::anyhow!("{s:?} is not a size: use bytes or e.g. 64m"))?;
-    Ok(if n < 0 { -1 } else { n * mult })
+    if n < 0 {
+        return Ok(-1);
+    }
+    n.checked_mul(mult)
+        .ok_or_else(|| anyhow::anyhow!("{s:?} is too large"))
 }
 
 const UPDATE_FLAGS: &[Flag] = &[
@@ -806,6 +890,14 @@ fn update(g: &Global, args: &[String]) -> Result<i32> {
         .with_context(|| format!("--resources {file} is not JSON"))?,
         None => json!({}),
     };
+    if !r.is_object() {
+        bail!("--resources must be a JSON object (OCI linux.resources)");
+    }
+    for key in ["memory", "cpu", "pids"] {
+        if !r[key].is_null() && !r[key].is_object() {
+            bail!("--resources: {key} must be an object");
+        }
+    }
     let num = |flag: &str, v: &str| -> Result<i64> {
         v.parse()
             .map_err(|_| anyhow::anyhow!("--{flag} {v:?} is not a number"))
@@ -861,9 +953,9 @@ fn stats_json(id: &str, v: &std::collections::HashMap<String, u64>) -> Value {
         "id": id,
         "data": {
             "cpu": {"usage": {
-                "total": get("cpu.stat.usage_usec") * 1000,
-                "user": get("cpu.stat.user_usec") * 1000,
-                "kernel": get("cpu.stat.system_usec") * 1000}},
+                "total": get("cpu.stat.usage_usec").saturating_mul(1000),
+                "user": get("cpu.stat.user_usec").saturating_mul(1000),
+                "kernel": get("cpu.stat.system_usec").saturating_mul(1000)}},
             "memory": {
                 "usage": {"usage": get("memory.current"),
                           "limit": v.get("memory.max").copied().unwrap_or(u64::MAX)},
@@ -883,11 +975,13 @@ fn events(g: &Global, args: &[String]) -> Result<i32> {
         &[flag(&["stats"], false), flag(&["interval"], true)],
     )?;
     let interval = match p.get("interval") {
-        Some(v) => Duration::from_secs_f64(
-            v.trim_end_matches('s')
-                .parse::<f64>()
-                .map_err(|_| anyhow::anyhow!("--interval {v:?}: give seconds, e.g. 5s"))?,
-        ),
+        Some(v) => v
+            .trim_end_matches('s')
+            .parse::<f64>()
+            .ok()
+            .and_then(|secs| Duration::try_from_secs_f64(secs).ok())
+            .filter(|d| !d.is_zero())
+            .ok_or_else(|| anyhow::anyhow!("--interval {v:?}: give seconds, e.g. 5s"))?,
         None => Duration::from_secs(5),
     };
     let (s, state, agent) = running_agent(g, &p, "events")?;

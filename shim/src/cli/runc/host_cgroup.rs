@@ -8,14 +8,18 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 
-/// Turns an OCI cgroupsPath into a path relative to each hierarchy's root. The systemd
-/// form `slice:prefix:name` becomes `/<slices>/<prefix>-<name>.scope`, as runc's systemd
-/// driver lays it out.
-pub fn relative_path(cgroups_path: &str, id: &str) -> Result<PathBuf> {
-    let parts: Vec<&str> = cgroups_path.split(':').collect();
+/// Turns an OCI cgroupsPath into a path relative to each hierarchy's root. With
+/// `systemd` (runc's --systemd-cgroup), the form `slice:prefix:name` becomes
+/// `/<slices>/<prefix>-<name>.scope`, as runc's systemd driver lays it out.
+pub fn relative_path(cgroups_path: &str, id: &str, systemd: bool) -> Result<PathBuf> {
+    let parts: Vec<&str> = if systemd {
+        cgroups_path.split(':').collect()
+    } else {
+        vec![cgroups_path]
+    };
     let rel = match parts.as_slice() {
         [""] => PathBuf::from(id),
-        [plain] => PathBuf::from(plain.trim_start_matches('/')),
+        [plain] if !systemd => PathBuf::from(plain.trim_start_matches('/')),
         [slice, prefix, name] => {
             let mut p = PathBuf::new();
             let slice = if slice.is_empty() {
@@ -23,11 +27,13 @@ pub fn relative_path(cgroups_path: &str, id: &str) -> Result<PathBuf> {
             } else {
                 slice
             };
-            // "a-b-c.slice" lives in "a.slice/a-b.slice/a-b-c.slice".
+            // "a-b-c.slice" lives in "a.slice/a-b.slice/a-b-c.slice"; "-.slice" is the root.
             let stem = slice.trim_end_matches(".slice");
-            let pieces: Vec<&str> = stem.split('-').collect();
-            for i in 1..=pieces.len() {
-                p.push(format!("{}.slice", pieces[..i].join("-")));
+            if stem != "-" {
+                let pieces: Vec<&str> = stem.split('-').collect();
+                for i in 1..=pieces.len() {
+                    p.push(format!("{}.slice", pieces[..i].join("-")));
+                }
             }
             let unit = if prefix.is_empty() {
                 format!("{name}.scope")
@@ -37,7 +43,9 @@ pub fn relative_path(cgroups_path: &str, id: &str) -> Result<PathBuf> {
             p.push(unit);
             p
         }
-        _ => bail!("linux.cgroupsPath {cgroups_path:?} is neither a path nor slice:prefix:name"),
+        _ => bail!(
+            "linux.cgroupsPath {cgroups_path:?}: with --systemd-cgroup give slice:prefix:name"
+        ),
     };
     if rel
         .components()
@@ -103,14 +111,27 @@ impl Joined {
         self.0.iter().map(|(_, leaf)| leaf.clone()).collect()
     }
 
-    /// Moves this process back to each hierarchy's root and removes the leaves: for a
-    /// create that failed.
+    /// Moves this process back out and removes the leaves: for a create that failed.
     pub fn undo(self) {
-        let me = std::process::id().to_string();
-        for (root, leaf) in self.0.iter().rev() {
+        leave_and_remove(&self.leaves());
+    }
+}
+
+/// Moves this process from each of `leaves` to its hierarchy's root, then removes the
+/// leaves (for a foreground `run` that ends, or a create that failed).
+pub fn leave_and_remove(leaves: &[PathBuf]) {
+    let me = std::process::id().to_string();
+    let roots = hierarchies();
+    for leaf in leaves.iter().rev() {
+        let root = roots
+            .iter()
+            .map(|(r, _)| r)
+            .filter(|r| leaf.starts_with(r))
+            .max_by_key(|r| r.as_os_str().len());
+        if let Some(root) = root {
             let _ = std::fs::write(root.join("cgroup.procs"), &me);
-            let _ = std::fs::remove_dir(leaf);
         }
+        let _ = std::fs::remove_dir(leaf);
     }
 }
 
@@ -144,20 +165,23 @@ mod tests {
 
     #[test]
     fn cgroups_paths_as_runc_reads_them() {
+        let rel = |p: &str, systemd: bool| relative_path(p, "abc", systemd).unwrap();
         assert_eq!(
-            relative_path("/libpod_parent/libpod-abc", "abc").unwrap(),
+            rel("/libpod_parent/libpod-abc", false),
             PathBuf::from("libpod_parent/libpod-abc")
         );
-        assert_eq!(relative_path("", "abc").unwrap(), PathBuf::from("abc"));
+        assert_eq!(rel("", false), PathBuf::from("abc"));
+        assert_eq!(rel("/a:b", false), PathBuf::from("a:b"));
         assert_eq!(
-            relative_path("machine-x.slice:libpod:abc", "abc").unwrap(),
+            rel("machine-x.slice:libpod:abc", true),
             PathBuf::from("machine.slice/machine-x.slice/libpod-abc.scope")
         );
         assert_eq!(
-            relative_path("system.slice:docker:abc", "abc").unwrap(),
+            rel("system.slice:docker:abc", true),
             PathBuf::from("system.slice/docker-abc.scope")
         );
-        assert!(relative_path("/a/../../etc", "x").is_err());
-        assert!(relative_path("a:b", "x").is_err());
+        assert_eq!(rel("-.slice:x:abc", true), PathBuf::from("x-abc.scope"));
+        assert!(relative_path("/a/../../etc", "x", false).is_err());
+        assert!(relative_path("a:b", "x", true).is_err());
     }
 }

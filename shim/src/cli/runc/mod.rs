@@ -16,6 +16,11 @@ use anyhow::{bail, Result};
 
 use crate::config::Config;
 
+/// Where container state lives without `--root`: beside, never above, the sandboxes.
+pub fn default_root(config: &Config) -> PathBuf {
+    config.run_root.join("state")
+}
+
 /// The sandbox directory of container `id` under state root `root` (for tests and tools).
 pub fn sandbox_dir(config: &Config, root: &std::path::Path, id: &str) -> PathBuf {
     commands::sandbox_root(&config.run_root).join(commands::sandbox_name(&root.join(id)))
