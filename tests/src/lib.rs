@@ -146,23 +146,38 @@ pub fn assert_no_trace(path: &str) {
         let text = std::fs::read_to_string(table).unwrap_or_default();
         assert!(!text.contains(path), "{what} under {path} was left behind");
     }
-    for e in std::fs::read_dir("/proc").expect("reading /proc").flatten() {
-        if !e
-            .file_name()
-            .to_string_lossy()
-            .bytes()
-            .all(|b| b.is_ascii_digit())
-        {
-            continue;
-        }
-        let cmdline = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
-        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-        assert!(
-            !cmdline.contains(path),
-            "process {} was left behind: {cmdline}",
-            e.file_name().to_string_lossy()
+    if let Some(pid) = processes_naming(path).first() {
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        panic!(
+            "process {pid} was left behind: {}",
+            String::from_utf8_lossy(&cmdline).replace('\0', " ")
         );
     }
+}
+
+/// Pids whose command line contains `needle`.
+pub fn processes_naming(needle: &str) -> Vec<i32> {
+    std::fs::read_dir("/proc")
+        .expect("reading /proc")
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
+                String::from_utf8_lossy(&c)
+                    .replace('\0', " ")
+                    .contains(needle)
+            })
+        })
+        .collect()
+}
+
+/// A pid from a pid file (runc's format: the number alone).
+pub fn read_pid(path: &Path) -> i32 {
+    std::fs::read_to_string(path)
+        .expect("the pid file")
+        .trim()
+        .parse()
+        .expect("a pid")
 }
 
 /// The sandbox directory `hull` gives container `id` under state root `root`.

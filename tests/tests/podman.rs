@@ -68,6 +68,24 @@ impl Podman {
     fn run(&self, args: &[&str]) -> Output {
         self.command(args).output().expect("running podman")
     }
+
+    /// `podman run -d --name NAME` of `cmd`; returns the container id.
+    fn run_detached(&self, name: &str, cmd: &[&str]) -> String {
+        let mut args = vec![
+            "run",
+            "-d",
+            "--pull=never",
+            "--network",
+            "none",
+            "--name",
+            name,
+            IMAGE,
+        ];
+        args.extend_from_slice(cmd);
+        let o = self.run(&args);
+        assert!(o.status.success(), "{o:?}");
+        out(&o).trim().to_string()
+    }
 }
 
 fn out(o: &Output) -> String {
@@ -156,21 +174,14 @@ fn podman_run_options_reach_the_container() {
 fn podman_exec_logs_stop_and_kill() {
     let p = podman_env();
     let name = format!("hull-life-{}", std::process::id());
-    let o = p.run(&[
-        "run",
-        "-d",
-        "--pull=never",
-        "--network",
-        "none",
-        "--name",
+    let cid = p.run_detached(
         &name,
-        IMAGE,
-        "sh",
-        "-c",
-        "echo started; trap 'echo stopping; exit 5' TERM; while true; do sleep 0.2; done",
-    ]);
-    assert!(o.status.success(), "{o:?}");
-    let cid = out(&o).trim().to_string();
+        &[
+            "sh",
+            "-c",
+            "echo started; trap 'echo stopping; exit 5' TERM; while true; do sleep 0.2; done",
+        ],
+    );
     let o = p.run(&["exec", &name, "sh", "-c", "echo in-exec; exit 4"]);
     assert_eq!(
         (o.status.code(), out(&o).as_str()),
@@ -186,20 +197,7 @@ fn podman_exec_logs_stop_and_kill() {
     assert!(p.run(&["rm", &name]).status.success());
     assert_gone(&cid);
 
-    let o = p.run(&[
-        "run",
-        "-d",
-        "--pull=never",
-        "--network",
-        "none",
-        "--name",
-        &name,
-        IMAGE,
-        "sleep",
-        "100",
-    ]);
-    assert!(o.status.success(), "{o:?}");
-    let cid = out(&o).trim().to_string();
+    let cid = p.run_detached(&name, &["sleep", "100"]);
     assert!(p.run(&["kill", &name]).status.success());
     let o = p.run(&["wait", &name]);
     assert_eq!(out(&o).trim(), "137", "{o:?}");

@@ -11,7 +11,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
 use hull_tests::{
-    assert_container_gone, become_subreaper, bundle, eventually, hull_bin, wait_pid, TempDir,
+    assert_container_gone, become_subreaper, bundle, eventually, hull_bin, processes_naming,
+    read_pid, wait_pid, TempDir,
 };
 use nix::sys::signal::Signal;
 use nix::sys::wait::WaitStatus;
@@ -71,11 +72,7 @@ fn create(root: &Path, dir: &Path, id: &str) -> i32 {
         .status()
         .expect("running hull create");
     assert!(status.success(), "hull create {id}");
-    std::fs::read_to_string(&pid_file)
-        .expect("the pid file")
-        .trim()
-        .parse()
-        .expect("a pid")
+    read_pid(&pid_file)
 }
 
 fn args(spec: &mut Value, a: &[&str]) {
@@ -226,11 +223,7 @@ fn runc_status(b: &Path, id: &str, then: &[&str]) -> WaitStatus {
         pid_file.to_str().unwrap(),
         id,
     ]);
-    let pid: i32 = std::fs::read_to_string(&pid_file)
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
+    let pid: i32 = read_pid(&pid_file);
     run(&["start", id]);
     if !then.is_empty() {
         let mut a = then.to_vec();
@@ -299,11 +292,7 @@ fn exec_detached(root: &Path, pid_file: &Path, args: &[&str]) -> i32 {
         .status()
         .unwrap();
     assert!(st.success(), "hull exec --detach {args:?}");
-    std::fs::read_to_string(pid_file)
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap()
+    read_pid(pid_file)
 }
 
 #[test]
@@ -437,11 +426,7 @@ fn a_terminal_goes_through_the_console_socket() {
     let rc = unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSWINSZ, &ws) };
     assert_eq!(rc, 0);
     assert!(create.wait().unwrap().success());
-    let pid: i32 = std::fs::read_to_string(&pid_file)
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
+    let pid: i32 = read_pid(&pid_file);
     ok(&root, &["start", "tty"]);
     let mut out = Vec::new();
     let _ = File::from(master).read_to_end(&mut out);
@@ -549,22 +534,8 @@ fn the_vm_runs_in_the_engines_host_cgroup() {
 }
 
 /// Pids whose command line names `dir` (the VM and helpers of a sandbox).
-fn processes_naming(dir: &Path) -> Vec<i32> {
-    let needle = format!("{}/", dir.display());
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
-        .filter(|pid| {
-            std::fs::read(format!("/proc/{pid}/cmdline"))
-                .map(|c| {
-                    String::from_utf8_lossy(&c)
-                        .replace('\0', " ")
-                        .contains(&needle)
-                })
-                .unwrap_or(false)
-        })
-        .collect()
+fn processes_in(dir: &Path) -> Vec<i32> {
+    processes_naming(&format!("{}/", dir.display()))
 }
 
 #[test]
@@ -578,7 +549,7 @@ fn a_dead_vmm_or_monitor_reads_as_stopped_and_delete_cleans_up() {
     let pid = create(&root, &b, "vmmdies");
     ok(&root, &["start", "vmmdies"]);
     let sandbox = hull_tests::sandbox_dir(&root, "vmmdies");
-    let qemu: Vec<i32> = processes_naming(&sandbox)
+    let qemu: Vec<i32> = processes_in(&sandbox)
         .into_iter()
         .filter(|p| {
             std::fs::read_to_string(format!("/proc/{p}/comm")).is_ok_and(|c| c.starts_with("qemu"))
@@ -601,9 +572,9 @@ fn a_dead_vmm_or_monitor_reads_as_stopped_and_delete_cleans_up() {
     // With the monitor dead, virtiofsd's sandbox child was re-parented to this process
     // (a subreaper, as engines are); reap it as they would.
     reap_zombies_named("virtiofsd");
-    assert!(eventually(5, || processes_naming(
-        &hull_tests::sandbox_dir(&root, "mondies")
-    )
+    assert!(eventually(5, || processes_in(&hull_tests::sandbox_dir(
+        &root, "mondies"
+    ))
     .is_empty()));
     assert_container_gone(&root, "mondies");
 }

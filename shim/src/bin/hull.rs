@@ -17,7 +17,7 @@ Commands:
   and runc's commands, for engines (Podman, containerd's runc shim, ...):
 
 Global options: --config FILE (default /etc/hull/config.toml), --root DIR (container
-state, default /run/hull), --log FILE, --log-format text|json, --debug.
+state, default /run/hull/state), --log FILE, --log-format text|json, --debug.
 Logging: HULL_LOG=info|debug (default: warn).";
 
 fn main() -> ExitCode {
@@ -114,7 +114,6 @@ fn main() -> ExitCode {
                     .unwrap_or_else(|| runc::default_root(&config)),
                 log,
                 log_json: parsed.get("log-format") == Some("json"),
-                debug: parsed.is_set("debug"),
                 systemd_cgroup: parsed.is_set("systemd-cgroup"),
                 config,
             };

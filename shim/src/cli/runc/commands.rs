@@ -131,7 +131,8 @@ fn boot_container(g: &Global, store: &Store, b: &Bundle, console: &Console) -> R
     config.run_root = sandbox_root(&g.config.run_root);
     // A sandbox of an earlier container with this id that was not cleaned up (its state
     // is gone, or create could not have made the state directory): stale.
-    let stale = config.run_root.join(sandbox_name(&store.dir));
+    let name = sandbox_name(&store.dir);
+    let stale = config.run_root.join(&name);
     if stale.exists() {
         tracing::warn!("removing the stale sandbox {}", stale.display());
         clean_sandbox_dir(&stale);
@@ -139,7 +140,7 @@ fn boot_container(g: &Global, store: &Store, b: &Bundle, console: &Console) -> R
     let mut sandbox = Sandbox::new(
         &config,
         SandboxSpec {
-            id: sandbox_name(&store.dir),
+            id: name,
             vcpus,
             memory_mib,
         },
@@ -401,10 +402,7 @@ fn kill(g: &Global, args: &[String]) -> Result<i32> {
     let p = parse_flags("kill", args, &[flag(&["all", "a"], false)])?;
     let (s, state) = existing(g, &p, "kill")?;
     let sig = parse_signal(p.args.get(1).map(|s| s.as_str()).unwrap_or("SIGTERM"))?;
-    if matches!(s.status(&state), Status::Stopped | Status::Creating) {
-        bail!("container not running");
-    }
-    let agent = s.agent(&state)?;
+    let agent = running_agent_of(&s, &state)?;
     if p.is_set("all") {
         agent.signal_all(&s.id, sig)?;
     } else {
@@ -579,10 +577,7 @@ fn exec_process(s: &Store, p: &Parsed) -> Result<Value> {
     if cmd.is_empty() {
         bail!("exec: give the command to run after the container id, or --process FILE");
     }
-    let raw: Value = serde_json::from_slice(
-        &std::fs::read(s.dir.join("config.json")).context("reading the container's config.json")?,
-    )?;
-    let mut proc_ = raw["process"].clone();
+    let mut proc_ = s.config()?["process"].clone();
     proc_["args"] = json!(cmd);
     proc_["terminal"] = json!(p.is_set("tty"));
     if let Some(cwd) = p.get("cwd") {
@@ -692,7 +687,6 @@ fn exec(g: &Global, args: &[String]) -> Result<i32> {
     let (s, state) = existing(g, &p, "exec")?;
     match s.status(&state) {
         Status::Stopped => bail!("cannot exec in a stopped container"),
-        Status::Creating => bail!("cannot exec in a container that is being created"),
         Status::Paused if !p.is_set("ignore-paused") => {
             bail!("cannot exec in a paused container (use --ignore-paused to override)")
         }
@@ -738,11 +732,16 @@ fn exec(g: &Global, args: &[String]) -> Result<i32> {
 
 fn running_agent(g: &Global, p: &Parsed, cmd: &str) -> Result<(Store, State, AgentClient)> {
     let (s, state) = existing(g, p, cmd)?;
-    if matches!(s.status(&state), Status::Stopped | Status::Creating) {
+    let agent = running_agent_of(&s, &state)?;
+    Ok((s, state, agent))
+}
+
+/// The agent of a container that has not stopped.
+fn running_agent_of(s: &Store, state: &State) -> Result<AgentClient> {
+    if s.status(state) == Status::Stopped {
         bail!("container not running");
     }
-    let agent = s.agent(&state)?;
-    Ok((s, state, agent))
+    s.agent(state)
 }
 
 fn ps(g: &Global, args: &[String]) -> Result<i32> {

@@ -32,7 +32,6 @@ pub struct Global {
     pub root: PathBuf,
     pub log: Option<PathBuf>,
     pub log_json: bool,
-    pub debug: bool,
     pub systemd_cgroup: bool,
     pub config: Config,
 }

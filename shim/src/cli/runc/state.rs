@@ -17,7 +17,6 @@ use crate::vsock::HybridVsock;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Status {
-    Creating,
     Created,
     Running,
     Paused,
@@ -27,7 +26,6 @@ pub enum Status {
 impl Status {
     pub fn as_str(self) -> &'static str {
         match self {
-            Status::Creating => "creating",
             Status::Created => "created",
             Status::Running => "running",
             Status::Paused => "paused",
@@ -66,14 +64,11 @@ pub struct ExitRecord {
 
 impl From<ProcessExit> for ExitRecord {
     fn from(e: ProcessExit) -> Self {
-        match e {
-            ProcessExit::Code(c) => ExitRecord {
-                exit_code: c,
-                signal: 0,
-            },
-            ProcessExit::Signal(s) => ExitRecord {
-                exit_code: 128 + s as i32,
-                signal: s,
+        ExitRecord {
+            exit_code: e.shell_status(),
+            signal: match e {
+                ProcessExit::Code(_) => 0,
+                ProcessExit::Signal(s) => s,
             },
         }
     }
@@ -196,8 +191,9 @@ impl Store {
         AgentClient::connect(&vsock).with_context(|| format!("container {:?}", self.id))
     }
 
-    /// The bundle's spec as create saw it.
-    pub fn spec(&self) -> Result<oci_spec::runtime::Spec> {
+    /// The bundle's config.json as create saw it (kept as JSON: fields the host does not
+    /// know still reach the guest).
+    pub fn config(&self) -> Result<serde_json::Value> {
         let path = self.dir.join("config.json");
         let text = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
         serde_json::from_slice(&text).with_context(|| format!("parsing {}", path.display()))
