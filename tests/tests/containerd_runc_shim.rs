@@ -86,6 +86,51 @@ impl Containerd {
             .expect("running ctr")
     }
 
+    /// What to look at when a test fails: containerd's log, the shim's hull logs, the
+    /// guest consoles of live sandboxes, and the processes involved.
+    fn diagnostics(&self) -> String {
+        let tail = |p: &Path, n: usize| {
+            let text = std::fs::read_to_string(p).unwrap_or_default();
+            let lines: Vec<&str> = text
+                .lines()
+                .filter(|l| !l.contains("loading plugin"))
+                .collect();
+            lines[lines.len().saturating_sub(n)..].join("\n")
+        };
+        let mut d = format!(
+            "--- containerd.log\n{}\n",
+            tail(&self.state.join("containerd.log"), 40)
+        );
+        let tasks = self
+            .state
+            .join("io.containerd.runtime.v2.task")
+            .join(NAMESPACE);
+        for e in std::fs::read_dir(tasks).into_iter().flatten().flatten() {
+            let log = e.path().join("log.json");
+            d += &format!("--- {}\n{}\n", log.display(), tail(&log, 40));
+        }
+        let vms = hull_tests::run_root().join("vm");
+        for e in std::fs::read_dir(vms).into_iter().flatten().flatten() {
+            let log = e.path().join("console.log");
+            d += &format!("--- {}\n{}\n", log.display(), tail(&log, 20));
+        }
+        let ps = Command::new("ps")
+            .args(["-eo", "pid,ppid,stat,etimes,args"])
+            .output()
+            .map(|o| out(&o))
+            .unwrap_or_default();
+        d += "--- processes\n";
+        for l in ps.lines().filter(|l| {
+            ["hull", "qemu", "virtiofsd", "vhost-device", "ctr", "shim"]
+                .iter()
+                .any(|n| l.contains(n))
+        }) {
+            d += l;
+            d += "\n";
+        }
+        d
+    }
+
     fn task_status(&self, id: &str) -> String {
         let o = self.ctr(&["task", "ls"]);
         String::from_utf8_lossy(&o.stdout)
@@ -188,12 +233,17 @@ fn ctr_task_exec_ps_pause_and_kill() {
     assert_container_gone(&runc_root(), &id);
 }
 
+/// ctr sizes the terminal only after the task started (as it does with runc), so the
+/// process waits a while for the size to arrive instead of racing it.
+const WAIT_FOR_SIZE: &str =
+    "i=0; while [ \"$(stty size 2>/dev/null)\" != \"20 70\" ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done";
+
 #[test]
 fn ctr_run_t_gives_a_terminal() {
     let c = Containerd::start("tty");
     let id = format!("tty{}", std::process::id());
     let inner = format!(
-        "stty rows 20 cols 70; timeout 120 ctr {} run -t --rm --runc-binary {} {IMAGE} {id} sh -c 'tty; stty size; exit 6'",
+        "stty rows 20 cols 70; timeout 60 ctr {} run -t --rm --runc-binary {} {IMAGE} {id} sh -c 'tty; {WAIT_FOR_SIZE}; stty size; exit 6'",
         c.ctr_args().join(" "),
         hull()
     );
@@ -203,7 +253,7 @@ fn ctr_run_t_gives_a_terminal() {
         .output()
         .expect("running script");
     let text = out(&o);
-    assert_eq!(o.status.code(), Some(6), "{text}");
+    assert_eq!(o.status.code(), Some(6), "{text}\n{}", c.diagnostics());
     assert!(
         text.contains("/dev/pts/0") && text.contains("20 70"),
         "{text}"

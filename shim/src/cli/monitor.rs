@@ -8,6 +8,7 @@
 
 use std::io::Read;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError};
@@ -344,6 +345,23 @@ pub fn forward_signals(agent: AgentClient, cid: String, exec_id: String, size_fd
     if let Err(e) = spawned {
         tracing::warn!("cannot forward signals: {e}");
     }
+}
+
+/// The size of the terminal a monitor relays (its pty, found among its descriptors), if it
+/// relays one and the engine has sized it. Lets `start` hand the size to the guest before
+/// the process runs, as runc's shared pty would have it, instead of racing SIGWINCH.
+pub fn terminal_size_of(monitor: i32) -> Option<(u16, u16)> {
+    let fds = std::fs::read_dir(format!("/proc/{monitor}/fd")).ok()?;
+    let pty = fds.flatten().find_map(|e| {
+        let target = std::fs::read_link(e.path()).ok()?;
+        target.starts_with("/dev/pts/").then_some(target)
+    })?;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOCTTY)
+        .open(pty)
+        .ok()?;
+    winsize(f.as_raw_fd())
 }
 
 fn winsize(fd: RawFd) -> Option<(u16, u16)> {

@@ -351,7 +351,15 @@ fn start(g: &Global, args: &[String]) -> Result<i32> {
         Status::Stopped => bail!("cannot start a container that has stopped"),
         _ => bail!("cannot start an already running container"),
     }
-    s.agent(&state)?.start_container(&s.id)?;
+    let agent = s.agent(&state)?;
+    if let Some((rows, cols)) = monitor::terminal_size_of(state.pid) {
+        // Without a terminal in the container there is nothing to size (the monitor's pty
+        // was the caller's own).
+        if let Err(e) = agent.resize_pty(&s.id, "", rows, cols) {
+            tracing::debug!("not sizing the terminal: {e}");
+        }
+    }
+    agent.start_container(&s.id)?;
     state.status = Status::Running;
     s.save(&state)?;
     Ok(0)
