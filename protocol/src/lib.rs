@@ -27,6 +27,10 @@ pub mod agent_ttrpc {
     include!(concat!(env!("OUT_DIR"), "/agent_ttrpc.rs"));
 }
 
+/// System call numbers by name, for seccomp profiles (built by the host, compiled to BPF by
+/// the agent).
+pub mod syscalls;
+
 /// Bumped whenever a change to the API is not backward compatible.
 pub const PROTOCOL_VERSION: u32 = 2;
 

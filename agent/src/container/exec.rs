@@ -45,6 +45,9 @@ fn join_and_fork(ctl: RawFd) -> Result<Option<Result<super::init::Prepared>>> {
     let terminal = terminal == b"terminal";
     let (process, _) = recv_msg(ctl)?;
     let process: Process = serde_json::from_slice(&process).context("parsing the exec process")?;
+    let (seccomp, _) = recv_msg(ctl)?;
+    let seccomp: Option<oci_spec::runtime::LinuxSeccomp> =
+        serde_json::from_slice(&seccomp).context("parsing the container's seccomp profile")?;
     if process.args().as_ref().is_none_or(|a| a.is_empty()) {
         bail!("the exec process has no args: give a command to run");
     }
@@ -83,8 +86,8 @@ fn join_and_fork(ctl: RawFd) -> Result<Option<Result<super::init::Prepared>>> {
             if terminal {
                 open_terminal(ctl)?;
             }
-            apply_process(&process)?;
-            prepare(&process)
+            let late = apply_process(&process, seccomp.as_ref())?;
+            prepare(&process, late)
         })();
         return Ok(Some(setup));
     }

@@ -17,9 +17,9 @@ use anyhow::{bail, Context, Result};
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use nix::sys::signal::{SigSet, SigmaskHow};
 use nix::unistd::{Gid, Uid};
-use oci_spec::runtime::{Process, Spec};
+use oci_spec::runtime::{LinuxSeccomp, Process, Spec};
 
-use super::{caps, mounts, recv_msg, send_msg};
+use super::{caps, mounts, recv_msg, seccomp, send_msg};
 
 /// The argument that makes hull-agent the container init.
 pub const ARG: &str = "container-init";
@@ -73,6 +73,9 @@ pub(super) struct Prepared {
     args: Vec<CString>,
     env: Vec<CString>,
     path_var: String,
+    /// A seccomp filter to install just before exec (with no_new_privs; without it the
+    /// filter went in while the process still had CAP_SYS_ADMIN).
+    seccomp: Option<seccomp::Program>,
 }
 
 fn setup(ctl: RawFd) -> Result<Prepared> {
@@ -121,6 +124,9 @@ fn setup(ctl: RawFd) -> Result<Prepared> {
             .with_context(|| format!("setting hostname {hostname:?}"))?;
     }
     pivot_root(&rootfs)?;
+    // As runc: a working directory that is not there is made (before / turns read-only).
+    std::fs::create_dir_all(process.cwd())
+        .with_context(|| format!("creating working directory {}", process.cwd().display()))?;
     if spec
         .root()
         .as_ref()
@@ -136,27 +142,33 @@ fn setup(ctl: RawFd) -> Result<Prepared> {
         )
         .context("making the rootfs read-only")?;
     }
-    for path in linux.masked_paths().as_deref().unwrap_or_default() {
-        mask_path(Path::new(path))?;
-    }
-    for path in linux.readonly_paths().as_deref().unwrap_or_default() {
-        readonly_path(Path::new(path))?;
-    }
+    // runc's order: sysctls, read-only paths (/proc/sys among them), then masks (a mask
+    // may sit inside a read-only path).
     for (key, value) in linux.sysctl().clone().unwrap_or_default() {
         let file = Path::new("/proc/sys").join(key.replace('.', "/"));
         std::fs::write(&file, &value).with_context(|| format!("setting sysctl {key}={value}"))?;
     }
+    for path in linux.readonly_paths().as_deref().unwrap_or_default() {
+        readonly_path(Path::new(path))?;
+    }
+    for path in linux.masked_paths().as_deref().unwrap_or_default() {
+        mask_path(Path::new(path))?;
+    }
     if terminal {
         open_terminal(ctl)?;
     }
-    apply_process(process)?;
-    prepare(process)
+    let late = apply_process(process, linux.seccomp().as_ref())?;
+    prepare(process, late)
 }
 
 /// The process's argv, env and PATH as exec needs them.
-pub(super) fn prepare(process: &Process) -> Result<Prepared> {
+pub(super) fn prepare(process: &Process, seccomp: Option<seccomp::Program>) -> Result<Prepared> {
     let args = process.args().clone().unwrap_or_default();
-    let env = process.env().clone().unwrap_or_default();
+    let mut env = process.env().clone().unwrap_or_default();
+    // As runc: HOME comes from the user's /etc/passwd entry when the spec leaves it out.
+    if !env.iter().any(|e| e.starts_with("HOME=")) {
+        env.push(format!("HOME={}", home_of(process.user().uid())));
+    }
     let path_var = env
         .iter()
         .find_map(|e| e.strip_prefix("PATH="))
@@ -177,7 +189,20 @@ pub(super) fn prepare(process: &Process) -> Result<Prepared> {
         args: cstrings(args, "args")?,
         env: cstrings(env, "env")?,
         path_var,
+        seccomp,
     })
+}
+
+/// The home directory of `uid` in the container's /etc/passwd, or `/`.
+fn home_of(uid: u32) -> String {
+    let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
+    passwd
+        .lines()
+        .map(|l| l.split(':').collect::<Vec<_>>())
+        .find(|f| f.len() >= 6 && f[2].parse() == Ok(uid))
+        .map(|f| f[5].to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "/".into())
 }
 
 fn pivot_root(rootfs: &Path) -> Result<()> {
@@ -227,18 +252,21 @@ fn readonly_path(path: &Path) -> Result<()> {
         None::<&str>,
     )
     .and_then(|_| {
-        mount(
-            None::<&str>,
-            path,
-            None::<&str>,
-            MsFlags::MS_BIND
-                | MsFlags::MS_REMOUNT
-                | MsFlags::MS_RDONLY
-                | MsFlags::MS_NOSUID
-                | MsFlags::MS_NODEV
-                | MsFlags::MS_NOEXEC,
-            None::<&str>,
-        )
+        // A bind remount must keep the locked flags of the mount it copies; as runc, keep
+        // exactly those and add read-only.
+        use nix::sys::statvfs::{statvfs, FsFlags};
+        let had = statvfs(path).map(|s| s.flags()).unwrap_or(FsFlags::empty());
+        let mut flags = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY;
+        for (st, ms) in [
+            (FsFlags::ST_NOSUID, MsFlags::MS_NOSUID),
+            (FsFlags::ST_NODEV, MsFlags::MS_NODEV),
+            (FsFlags::ST_NOEXEC, MsFlags::MS_NOEXEC),
+        ] {
+            if had.contains(st) {
+                flags |= ms;
+            }
+        }
+        mount(None::<&str>, path, None::<&str>, flags, None::<&str>)
     })
     .with_context(|| format!("making {} read-only", path.display()))
 }
@@ -270,8 +298,18 @@ pub(super) fn open_terminal(ctl: RawFd) -> Result<()> {
     Ok(())
 }
 
-/// rlimits, oom score, user, capabilities, no_new_privs, umask, cwd: in runc's order.
-pub(super) fn apply_process(process: &Process) -> Result<()> {
+/// rlimits, oom score, seccomp, user, capabilities, no_new_privs, umask, cwd: in runc's
+/// order. Returns the seccomp filter still to install when no_new_privs defers it to
+/// just before exec.
+pub(super) fn apply_process(
+    process: &Process,
+    seccomp: Option<&LinuxSeccomp>,
+) -> Result<Option<seccomp::Program>> {
+    let filter = seccomp
+        .map(seccomp::compile)
+        .transpose()
+        .map_err(|e| e.context("the spec's seccomp profile"))?;
+    let nnp = process.no_new_privileges().unwrap_or(false);
     for r in process.rlimits().as_deref().unwrap_or_default() {
         let name = serde_json::to_value(r.typ())?;
         let resource = rlimit_resource(name.as_str().unwrap_or_default())?;
@@ -288,6 +326,15 @@ pub(super) fn apply_process(process: &Process) -> Result<()> {
         std::fs::write("/proc/self/oom_score_adj", score.to_string())
             .context("setting oom_score_adj")?;
     }
+    // Without no_new_privs only a process with CAP_SYS_ADMIN may install a filter: do it
+    // before the user and capabilities change (as runc does).
+    let filter = match filter {
+        Some(f) if !nnp => {
+            f.install()?;
+            None
+        }
+        f => f,
+    };
     let sets = caps::Sets::from_spec(process.capabilities().as_ref())?;
     sets.apply_bounding()?;
 
@@ -310,7 +357,7 @@ pub(super) fn apply_process(process: &Process) -> Result<()> {
     // SAFETY: prctl with integer arguments only.
     unsafe { libc::prctl(libc::PR_SET_KEEPCAPS, 0, 0, 0, 0) };
     sets.apply()?;
-    if process.no_new_privileges().unwrap_or(false) {
+    if nnp {
         // SAFETY: prctl with integer arguments only.
         if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
             return Err(std::io::Error::last_os_error()).context("setting no_new_privs");
@@ -322,7 +369,7 @@ pub(super) fn apply_process(process: &Process) -> Result<()> {
     let cwd = process.cwd();
     nix::unistd::chdir(cwd)
         .with_context(|| format!("cannot enter working directory {}", cwd.display()))?;
-    Ok(())
+    Ok(filter)
 }
 
 // glibc and musl disagree on the type of setrlimit's resource argument.
@@ -397,6 +444,11 @@ fn exec(p: &Prepared) -> (u8, String) {
     // The agent blocks SIGCHLD in all its threads; the container starts with no mask.
     let _ =
         nix::sys::signal::pthread_sigmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None);
+    if let Some(filter) = &p.seccomp {
+        if let Err(e) = filter.install() {
+            return (1, format!("{e:#}"));
+        }
+    }
     // SAFETY: argv and envp are NUL-terminated arrays of pointers to live C strings.
     unsafe { libc::execve(cpath.as_ptr(), argv.as_ptr(), envp.as_ptr()) };
     let err = std::io::Error::last_os_error();

@@ -6,6 +6,7 @@ pub mod cgroup;
 pub mod exec;
 pub mod init;
 pub mod mounts;
+pub mod seccomp;
 mod tty;
 
 use std::collections::HashMap;
@@ -50,6 +51,8 @@ struct Proc {
 
 struct Container {
     init: Arc<Proc>,
+    /// The spec's seccomp profile (JSON, `null` when none): exec'd processes get it too.
+    seccomp: Vec<u8>,
     execs: Mutex<HashMap<String, Arc<Proc>>>,
     cgroup: cgroup::Cgroup,
 }
@@ -201,6 +204,8 @@ impl Manager {
         }
         let rootfs = rootfs_path(&spec)?;
         let flags = clone_flags(&spec)?;
+        let seccomp =
+            serde_json::to_vec(&spec.linux().as_ref().and_then(|l| l.seccomp().as_ref()))?;
         let terminal = process.terminal().unwrap_or(false);
         if terminal != stdio.terminal {
             bail!("process.terminal and the stdio request disagree");
@@ -235,6 +240,7 @@ impl Manager {
         };
         let container = Arc::new(Container {
             init: Arc::new(proc_),
+            seccomp,
             execs: Mutex::new(HashMap::new()),
             cgroup,
         });
@@ -289,7 +295,12 @@ impl Manager {
         let pid_msg = c.init.pid.to_string();
         let result = self.handshake(
             ours.as_raw_fd(),
-            &[pid_msg.as_bytes(), terminal_flag(terminal), process_json],
+            &[
+                pid_msg.as_bytes(),
+                terminal_flag(terminal),
+                process_json,
+                &c.seccomp,
+            ],
             Some(helper),
         );
         // The helper's own exit does not matter; the exec'd process is the agent's child.

@@ -146,12 +146,56 @@ pub fn guest_spec(b: &Bundle, cid: &str) -> Result<GuestSpec> {
             }
         }
     }
+    inherit_rlimits(&mut spec["process"]);
     let terminal = spec["process"]["terminal"].as_bool().unwrap_or(false);
     Ok(GuestSpec {
         spec,
         binds,
         terminal,
     })
+}
+
+/// runc's container inherits every rlimit the spec does not set from runc's caller; the
+/// guest's defaults are another machine's, so the caller's own values go into the spec.
+fn inherit_rlimits(process: &mut Value) {
+    const RLIMITS: [(&str, libc::__rlimit_resource_t); 16] = [
+        ("RLIMIT_CPU", libc::RLIMIT_CPU),
+        ("RLIMIT_FSIZE", libc::RLIMIT_FSIZE),
+        ("RLIMIT_DATA", libc::RLIMIT_DATA),
+        ("RLIMIT_STACK", libc::RLIMIT_STACK),
+        ("RLIMIT_CORE", libc::RLIMIT_CORE),
+        ("RLIMIT_RSS", libc::RLIMIT_RSS),
+        ("RLIMIT_NPROC", libc::RLIMIT_NPROC),
+        ("RLIMIT_NOFILE", libc::RLIMIT_NOFILE),
+        ("RLIMIT_MEMLOCK", libc::RLIMIT_MEMLOCK),
+        ("RLIMIT_AS", libc::RLIMIT_AS),
+        ("RLIMIT_LOCKS", libc::RLIMIT_LOCKS),
+        ("RLIMIT_SIGPENDING", libc::RLIMIT_SIGPENDING),
+        ("RLIMIT_MSGQUEUE", libc::RLIMIT_MSGQUEUE),
+        ("RLIMIT_NICE", libc::RLIMIT_NICE),
+        ("RLIMIT_RTPRIO", libc::RLIMIT_RTPRIO),
+        ("RLIMIT_RTTIME", libc::RLIMIT_RTTIME),
+    ];
+    let Some(process) = process.as_object_mut() else {
+        return;
+    };
+    let list = process.entry("rlimits").or_insert_with(|| json!([]));
+    let Some(list) = list.as_array_mut() else {
+        return;
+    };
+    for (name, resource) in RLIMITS {
+        if list.iter().any(|r| r["type"] == name) {
+            continue;
+        }
+        let mut limit = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit writes one rlimit into memory we own.
+        if unsafe { libc::getrlimit(resource, &mut limit) } == 0 {
+            list.push(json!({"type": name, "soft": limit.rlim_cur, "hard": limit.rlim_max}));
+        }
+    }
 }
 
 /// vCPUs and memory (MiB) of the VM: from the CPU quota and the memory limit, never less
