@@ -7,6 +7,7 @@ pub mod config;
 pub mod hypervisor;
 pub mod image;
 pub mod sandbox;
+pub mod seccomp_profile;
 pub mod spec;
 pub mod user;
 pub mod vsock;

@@ -75,3 +75,23 @@ fn unknown_options_are_named() {
         r.stderr()
     );
 }
+
+#[test]
+fn a_bad_seccomp_option_or_profile_is_named() {
+    let rootfs = busybox().join("rootfs");
+    let rootfs = rootfs.to_str().unwrap();
+    let r = hull_do(&["--security-opt", "apparmor=x", rootfs, "true"]);
+    one_clear_line(&r, "--security-opt \"apparmor=x\" is not supported");
+    let r = hull_do(&["--security-opt", "seccomp=/no/such.json", rootfs, "true"]);
+    one_clear_line(&r, "reading the seccomp profile /no/such.json");
+    let dir = TempDir::new("bad-profile");
+    let bad = dir.path().join("p.json");
+    std::fs::write(&bad, r#"{"defaultAction": "SCMP_ACT_SOMETIMES"}"#).unwrap();
+    let opt = format!("seccomp={}", bad.display());
+    let r = hull_do(&["--security-opt", &opt, rootfs, "true"]);
+    one_clear_line(&r, "is not an OCI linux.seccomp object");
+    // Valid OCI, refused by the guest: the VM is up by then, and must go.
+    std::fs::write(&bad, r#"{"defaultAction": "SCMP_ACT_NOTIFY"}"#).unwrap();
+    let r = hull_do(&["--security-opt", &opt, rootfs, "true"]);
+    one_clear_line(&r, "SCMP_ACT_NOTIFY");
+}

@@ -258,7 +258,6 @@ macro_rules! variants {
     };
 }
 
-
 /// The capabilities in this process's bounding set: runc cannot grant others (this build
 /// machine's sandbox lacks CAP_SYS_RESOURCE), while the guest could.
 fn host_caps() -> Vec<&'static str> {

@@ -29,20 +29,11 @@ fn echo_and_exit_codes_come_back_as_docker_run_gives_them() {
 fn a_process_killed_by_a_signal_exits_128_plus_the_signal() {
     let dir = TempDir::new("signal");
     let root = rootfs_copy(&dir);
-    let src = dir.path().join("segv.c");
-    std::fs::write(
-        &src,
+    build_static(
+        &dir,
         "int main(void) { *(volatile int *)0 = 1; return 0; }\n",
-    )
-    .unwrap();
-    let ok = Command::new("gcc")
-        .args(["-static", "-O0", "-o"])
-        .arg(root.join("segv"))
-        .arg(&src)
-        .status()
-        .expect("gcc")
-        .success();
-    assert!(ok, "building the crashing probe");
+        &root.join("segv"),
+    );
     let r = hull_do(&[root.to_str().unwrap(), "/segv"]);
     assert_eq!(r.code(), 128 + 11, "{}", r.stderr());
 }
@@ -233,5 +224,112 @@ fn two_hull_do_at_once_both_work() {
         (0, "b\n"),
         "{}",
         b.stderr()
+    );
+}
+
+/// A static probe in the rootfs that tries calls the default profile keeps out and prints
+/// what each returned.
+fn seccomp_probe(dir: &TempDir) -> std::path::PathBuf {
+    let root = rootfs_copy(dir);
+    build_static(
+        dir,
+        r#"#include <errno.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+static void show(const char *what, long rc) {
+    printf("%s %s\n", what, rc < 0 ? strerror(errno) : "ok");
+}
+int main(void) {
+    show("vsock", socket(40 /* AF_VSOCK */, SOCK_STREAM, 0));
+    show("unix", socket(AF_UNIX, SOCK_STREAM, 0));
+    show("keyctl", syscall(SYS_keyctl, 0 /* KEYCTL_GET_KEYRING_ID */, -3, 0));
+    show("unshare-user", syscall(SYS_unshare, 0x10000000 /* CLONE_NEWUSER */));
+    show("personality-query", syscall(SYS_personality, 0xffffffffUL));
+    show("personality-odd", syscall(SYS_personality, 0x0400000UL /* ADDR_NO_RANDOMIZE */));
+    return 0;
+}
+"#,
+        &root.join("probe"),
+    );
+    root
+}
+
+/// Compiles C `source` into a static binary at `out` (a probe for the container).
+fn build_static(dir: &TempDir, source: &str, out: &std::path::Path) {
+    let src = dir.path().join("probe.c");
+    std::fs::write(&src, source).unwrap();
+    let ok = Command::new("gcc")
+        .args(["-static", "-O1", "-o"])
+        .arg(out)
+        .arg(&src)
+        .status()
+        .expect("gcc")
+        .success();
+    assert!(ok, "building {}", out.display());
+}
+
+#[test]
+fn the_default_seccomp_profile_keeps_out_what_namespaces_do_not_isolate() {
+    let dir = TempDir::new("seccomp-default");
+    let root = seccomp_probe(&dir);
+    let root = root.to_str().unwrap();
+    let r = hull_do(&[root, "/probe"]);
+    assert_eq!(
+        (r.code(), r.stdout().as_str()),
+        (
+            0,
+            "vsock Operation not permitted\nunix ok\nkeyctl Operation not permitted\n\
+             unshare-user Operation not permitted\npersonality-query ok\n\
+             personality-odd Operation not permitted\n"
+        ),
+        "{}",
+        r.stderr()
+    );
+    let r = hull_do(&[root, "grep", "^Seccomp:", "/proc/self/status"]);
+    assert_eq!(r.stdout(), "Seccomp:\t2\n");
+    // Unconfined: the same calls reach the kernel.
+    let r = hull_do(&["--security-opt", "seccomp=unconfined", root, "/probe"]);
+    let out = r.stdout();
+    assert!(
+        out.contains("vsock ok") && out.contains("unshare-user ok"),
+        "{out}"
+    );
+    let r = hull_do(&[
+        "--security-opt=seccomp=unconfined",
+        root,
+        "grep",
+        "^Seccomp:",
+        "/proc/self/status",
+    ]);
+    assert_eq!(r.stdout(), "Seccomp:\t0\n");
+}
+
+#[test]
+fn a_seccomp_profile_file_replaces_the_default() {
+    let dir = TempDir::new("seccomp-file");
+    let profile = dir.path().join("profile.json");
+    std::fs::write(
+        &profile,
+        r#"{"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [
+            {"names": ["mkdir", "mkdirat"], "action": "SCMP_ACT_ERRNO", "errnoRet": 13}]}"#,
+    )
+    .unwrap();
+    let opt = format!("seccomp={}", profile.display());
+    let r = hull_do(&[
+        "--security-opt",
+        &opt,
+        &rootfs(),
+        "sh",
+        "-c",
+        "mkdir /tmp/x 2>&1; unshare -U true && echo userns-ok",
+    ]);
+    assert_eq!(
+        r.stdout(),
+        "mkdir: can't create directory '/tmp/x': Permission denied\nuserns-ok\n",
+        "{}",
+        r.stderr()
     );
 }

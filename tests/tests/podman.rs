@@ -138,6 +138,13 @@ fn podman_run_gives_output_and_exit_codes() {
     assert_eq!(o.status.code(), Some(7), "{o:?}");
     let o = podman_run(&dir, &[], &["no-such-command"]);
     assert_eq!(o.status.code(), Some(127), "{o:?}");
+    // Podman's default seccomp profile is in force; `--security-opt seccomp=unconfined`
+    // takes it away.
+    let probe = ["grep", "^Seccomp:", "/proc/self/status"];
+    let o = podman_run(&dir, &[], &probe);
+    assert_eq!(out(&o), "Seccomp:\t2\n", "{o:?}");
+    let o = podman_run(&dir, &["--security-opt", "seccomp=unconfined"], &probe);
+    assert_eq!(out(&o), "Seccomp:\t0\n", "{o:?}");
 }
 
 #[test]

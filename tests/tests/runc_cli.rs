@@ -300,9 +300,29 @@ fn exec_runs_in_the_container_attached_and_detached() {
     become_subreaper();
     let dir = TempDir::new("cli-exec");
     let root = dir.path().join("state");
-    let b = bundle(&dir, |s| args(s, &["sleep", "60"]));
+    let b = bundle(&dir, |s| {
+        args(s, &["sleep", "60"]);
+        s["linux"]["seccomp"] = json!({"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [
+            {"names": ["mkdir", "mkdirat"], "action": "SCMP_ACT_ERRNO", "errnoRet": 13}]});
+    });
     let pid = create(&root, &b, "ex");
     ok(&root, &["start", "ex"]);
+
+    // The container's seccomp profile holds for exec'd processes too.
+    let out = hull(
+        &root,
+        &[
+            "exec",
+            "ex",
+            "sh",
+            "-c",
+            "mkdir /tmp/d 2>&1; grep ^Seccomp: /proc/self/status",
+        ],
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "mkdir: can't create directory '/tmp/d': Permission denied\nSeccomp:\t2\n"
+    );
 
     let out = hull(
         &root,

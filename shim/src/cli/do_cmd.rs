@@ -14,7 +14,9 @@ use crate::spec::{self, ProcessSpec};
 use crate::user;
 use anyhow::{bail, Context, Result};
 
-pub const USAGE: &str = "usage: hull do [-e K=V]... [-w DIR] [--user U] [--cpus N] [--memory M] [-i] [-t] IMAGE [--] [CMD...]
+pub const USAGE: &str =
+    "usage: hull do [-e K=V]... [-w DIR] [--user U] [--cpus N] [--memory M] [-i] [-t]
+               [--security-opt seccomp=unconfined|FILE] IMAGE [--] [CMD...]
 
 Runs CMD in a container made from IMAGE, inside its own microVM, and exits with its status
 (126/127 when CMD cannot be run, 128+N when a signal killed it). IMAGE is a rootfs
@@ -27,6 +29,9 @@ directory or an OCI image layout (a directory or a .tar of one).
   -m, --memory M      memory of the VM (e.g. 512m, 1g; default from the config)
   -i, --interactive   pass stdin through
   -t, --tty           give the container a terminal
+      --security-opt seccomp=unconfined|FILE
+                      run without a seccomp filter, or with FILE (an OCI linux.seccomp
+                      object) instead of the default profile (Docker's policy, no vsock)
       --timings FILE  write the phase timings (JSON) to FILE";
 
 #[derive(Debug, Default)]
@@ -39,8 +44,45 @@ pub struct DoOptions {
     pub interactive: bool,
     pub tty: bool,
     pub timings: Option<PathBuf>,
+    pub seccomp: Seccomp,
     pub image: PathBuf,
     pub cmd: Vec<String>,
+}
+
+/// Which seccomp filter the container gets.
+#[derive(Debug, Default, PartialEq)]
+pub enum Seccomp {
+    #[default]
+    Default,
+    Unconfined,
+    Profile(PathBuf),
+}
+
+impl Seccomp {
+    /// The spec's `linux.seccomp`, if any.
+    fn spec(&self) -> Result<Option<serde_json::Value>> {
+        match self {
+            Seccomp::Default => Ok(Some(crate::seccomp_profile::default_profile())),
+            Seccomp::Unconfined => Ok(None),
+            Seccomp::Profile(path) => {
+                let text = std::fs::read(path)
+                    .with_context(|| format!("reading the seccomp profile {}", path.display()))?;
+                let v: serde_json::Value = serde_json::from_slice(&text).with_context(|| {
+                    format!("the seccomp profile {} is not JSON", path.display())
+                })?;
+                serde_json::from_value::<oci_spec::runtime::LinuxSeccomp>(v.clone()).with_context(
+                    || {
+                        format!(
+                            "the seccomp profile {} is not an OCI linux.seccomp object \
+                             (defaultAction, syscalls[].names/action/args)",
+                            path.display()
+                        )
+                    },
+                )?;
+                Ok(Some(v))
+            }
+        }
+    }
 }
 
 fn parse_memory(s: &str) -> Result<u64> {
@@ -111,6 +153,19 @@ pub fn parse_args(args: &[String]) -> Result<DoOptions> {
                 o.tty = true;
             }
             "--timings" => o.timings = Some(PathBuf::from(take(&mut it)?)),
+            "--security-opt" => {
+                let v = take(&mut it)?;
+                o.seccomp = match v.split_once('=') {
+                    Some(("seccomp", "unconfined")) => Seccomp::Unconfined,
+                    Some(("seccomp", file)) if !file.is_empty() => {
+                        Seccomp::Profile(PathBuf::from(file))
+                    }
+                    _ => bail!(
+                        "--security-opt {v:?} is not supported: give seccomp=unconfined or \
+                         seccomp=FILE"
+                    ),
+                };
+            }
             "-h" | "--help" => bail!("{USAGE}"),
             "--" => bail!("give IMAGE before --\n{USAGE}"),
             f if f.starts_with('-') && f.len() > 1 => bail!("unknown option {f}\n{USAGE}"),
@@ -167,6 +222,7 @@ pub fn run(config: &Config, o: DoOptions) -> Result<i32> {
     monitor::block_signals()?;
 
     let kind = image::detect(&o.image)?;
+    let seccomp = o.seccomp.spec()?;
     // A command line that cannot work fails before anything is made.
     if kind == ImageKind::RootfsDir && o.cmd.is_empty() {
         command(&o, &ImageConfig::default())?;
@@ -217,7 +273,7 @@ pub fn run(config: &Config, o: DoOptions) -> Result<i32> {
     if !cwd.starts_with('/') {
         bail!("working directory {cwd:?} must be an absolute path");
     }
-    let oci = spec::default_spec(
+    let mut oci = spec::default_spec(
         &rel_rootfs.display().to_string(),
         "hull",
         &ProcessSpec {
@@ -228,6 +284,9 @@ pub fn run(config: &Config, o: DoOptions) -> Result<i32> {
             terminal: o.tty,
         },
     );
+    if let Some(profile) = seccomp {
+        oci["linux"]["seccomp"] = profile;
+    }
     timings.prepare_ms = ms(t0.elapsed());
 
     sandbox.boot()?;
