@@ -1,5 +1,6 @@
 //! The OCI runtime spec `hull do` gives a container: `runc spec`'s defaults (capabilities,
-//! namespaces, mounts, masked and read-only paths, rlimits, no_new_privs), with the rootfs
+//! namespaces, mounts, masked and read-only paths, rlimits, no_new_privs, no devices
+//! beyond the default ones), with the rootfs
 //! writable and the process taken from the image and the command line.
 
 use serde_json::{json, Value};
@@ -53,7 +54,8 @@ pub fn default_spec(root_path: &str, hostname: &str, p: &ProcessSpec) -> Value {
             "namespaces": [{"type": "pid"}, {"type": "network"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"}, {"type": "cgroup"}],
             "maskedPaths": ["/proc/acpi", "/proc/asound", "/proc/kcore", "/proc/keys", "/proc/latency_stats",
                             "/proc/timer_list", "/proc/timer_stats", "/proc/sched_debug", "/sys/firmware", "/proc/scsi"],
-            "readonlyPaths": ["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"]
+            "readonlyPaths": ["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"],
+            "resources": {"devices": [{"allow": false, "access": "rwm"}]}
         }
     })
 }

@@ -305,6 +305,9 @@ fn host_dir(name: &str) -> String {
     d.display().to_string()
 }
 
+/// mknod /dev/kmsg's twin, then open it for writing (no CAP_SYSLOG needed), and /dev/null.
+const TRY_DEVICE: &str = "mknod /dev/k c 1 11 && echo made; (exec 3>/dev/k) 2>&1 && echo open-ok; (exec 3>/dev/null) && echo null-ok";
+
 const TRY_MOUNT: &str = "cat /data/file; /data/run.sh; (echo x > /data/new && echo wrote-new && rm /data/new) 2>&1; ls /data";
 
 variants! {
@@ -430,6 +433,21 @@ variants! {
         s["linux"]["seccomp"] = json!({"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [
             {"names": ["mkdir", "mkdirat"], "action": "SCMP_ACT_ERRNO", "errnoRet": 30}]});
         extra(s, "mkdir /tmp/denied");
+    };
+    devices_default_deny => |s| {
+        caps(s, &["bounding", "effective", "permitted"], &["CAP_MKNOD", "CAP_KILL"]);
+        extra(s, TRY_DEVICE);
+    };
+    devices_allow_one => |s| {
+        caps(s, &["bounding", "effective", "permitted"], &["CAP_MKNOD", "CAP_KILL"]);
+        s["linux"]["resources"]["devices"].as_array_mut().unwrap().push(
+            json!({"allow": true, "type": "c", "major": 1, "minor": 11, "access": "w"}));
+        extra(s, TRY_DEVICE);
+    };
+    devices_allow_all => |s| {
+        caps(s, &["bounding", "effective", "permitted"], &["CAP_MKNOD", "CAP_KILL"]);
+        s["linux"]["resources"]["devices"] = json!([{"allow": true, "access": "rwm"}]);
+        extra(s, TRY_DEVICE);
     };
 }
 

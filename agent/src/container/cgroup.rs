@@ -143,7 +143,11 @@ impl Cgroup {
         std::fs::create_dir(&dir).with_context(|| format!("creating cgroup {}", dir.display()))?;
         let cg = Cgroup { dir };
         if let Some(r) = resources {
-            if let Err(e) = cg.apply(r) {
+            let applied = cg.apply(r).and_then(|()| match r.devices() {
+                Some(rules) => super::devices::apply(&cg.dir, rules),
+                None => Ok(()),
+            });
+            if let Err(e) = applied {
                 cg.remove();
                 return Err(e);
             }
