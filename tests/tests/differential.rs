@@ -18,6 +18,7 @@ const PROBE: &str = r#"
 echo "== id"; id
 echo "== status"; grep -E '^(Cap(Inh|Prm|Eff|Bnd|Amb)|NoNewPrivs|Seccomp|Umask):' /proc/self/status
 echo "== ulimit"; ulimit -a
+echo "== oom_score_adj"; cat /proc/self/oom_score_adj
 echo "== hostname"; hostname
 echo "== cwd"; pwd
 echo "== env"; env | sort
@@ -448,6 +449,10 @@ variants! {
         caps(s, &["bounding", "effective", "permitted"], &["CAP_MKNOD", "CAP_KILL"]);
         s["linux"]["resources"]["devices"] = json!([{"allow": true, "access": "rwm"}]);
         extra(s, TRY_DEVICE);
+    };
+    memory_limit_oom_kill => |s| {
+        s["linux"]["resources"]["memory"] = json!({"limit": 33554432});
+        extra(s, "dd if=/dev/zero of=/dev/null bs=64M count=1 2>/dev/null; echo dd=$?");
     };
 }
 

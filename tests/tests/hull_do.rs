@@ -333,3 +333,24 @@ fn a_seccomp_profile_file_replaces_the_default() {
         r.stderr()
     );
 }
+
+#[test]
+fn an_oom_kill_is_reported_as_such() {
+    // 110 MiB touched in a 128 MiB VM: the guest kernel's OOM killer ends dd.
+    let r = hull_do(&[
+        "--memory",
+        "128m",
+        &rootfs(),
+        "sh",
+        "-c",
+        "dd if=/dev/zero of=/dev/null bs=110M count=1 2>/dev/null; echo dd=$?",
+    ]);
+    assert_eq!((r.code(), r.stdout().as_str()), (0, "dd=137\n"));
+    assert!(
+        r.stderr().contains("hull: out of memory") && r.stderr().contains("--memory"),
+        "{}",
+        r.stderr()
+    );
+    let r = hull_do(&[&rootfs(), "true"]);
+    assert_eq!(r.stderr(), "");
+}

@@ -4,7 +4,7 @@
 //! container boots a real microVM.
 
 use std::fs::File;
-use std::io::Read;
+use std::io::{BufRead, Read};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
@@ -503,6 +503,37 @@ fn pause_resume_update_and_events() {
     assert_eq!(ev["type"], "stats");
     assert_eq!(ev["data"]["memory"]["usage"]["limit"], 64u64 << 20);
     assert!(ev["data"]["pids"]["current"].as_u64().unwrap() >= 1, "{ev}");
+
+    // An OOM kill in the container (64m limit, a 100m buffer) streams an `oom` event.
+    let mut events = Command::new(hull_bin())
+        .arg("--root")
+        .arg(&root)
+        .args(["events", "--interval", "1s", "pz"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(events.stdout.take().unwrap()).lines();
+    let first = lines.next().unwrap().unwrap();
+    assert!(first.contains(r#""type":"stats""#), "{first}");
+    let out = hull(
+        &root,
+        &[
+            "exec",
+            "pz",
+            "sh",
+            "-c",
+            "dd if=/dev/zero of=/dev/null bs=100M count=1 2>/dev/null; echo $?",
+        ],
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "137\n");
+    let oom = lines
+        .map_while(Result::ok)
+        .take(20)
+        .find(|l| l.contains(r#""type":"oom""#));
+    let _ = events.kill();
+    let _ = events.wait();
+    assert_eq!(oom.as_deref(), Some(r#"{"id":"pz","type":"oom"}"#));
 
     ok(&root, &["kill", "--all", "pz", "KILL"]);
     assert_eq!(normalized(wait_pid(pid)), "killed by SIGKILL");

@@ -333,6 +333,18 @@ pub fn run(config: &Config, o: DoOptions) -> Result<i32> {
         let _ = std::io::stdout().flush();
         eprintln!("hull: {e}");
     }
+    let ooms = agent
+        .stats(cid)
+        .ok()
+        .and_then(|s| s.get("memory.events.oom_kill").copied())
+        .unwrap_or(0);
+    if ooms > 0 {
+        let _ = std::io::stdout().flush();
+        eprintln!(
+            "hull: out of memory: the kernel's OOM killer ended {ooms} process(es) of the \
+             container; give the VM more memory with --memory"
+        );
+    }
     let _ = agent.remove_container(cid);
     sandbox.shutdown();
     timings.cleaned_up_ms = ms(t0.elapsed());

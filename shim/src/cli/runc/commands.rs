@@ -992,16 +992,36 @@ fn events(g: &Global, args: &[String]) -> Result<i32> {
         None => Duration::from_secs(5),
     };
     let (s, state, agent) = running_agent(g, &p, "events")?;
+    let ooms = |stats: &std::collections::HashMap<String, u64>| {
+        stats.get("memory.events.oom_kill").copied().unwrap_or(0)
+    };
+    let stats = agent.stats(&s.id)?;
+    println!("{}", stats_json(&s.id, &stats));
+    if p.is_set("stats") {
+        return Ok(0);
+    }
+    // As runc: an `oom` event for each OOM kill from now on, stats every interval.
+    let mut seen = ooms(&stats);
+    let mut next_stats = Instant::now() + interval;
     loop {
-        let stats = agent.stats(&s.id)?;
-        println!("{}", stats_json(&s.id, &stats));
-        if p.is_set("stats") {
-            return Ok(0);
-        }
-        std::thread::sleep(interval);
+        std::thread::sleep(Duration::from_millis(200).min(interval));
         if s.status(&state) == Status::Stopped {
             return Ok(0);
         }
+        let Ok(stats) = agent.stats(&s.id) else {
+            return Ok(0);
+        };
+        let now = ooms(&stats);
+        if now > seen {
+            println!("{}", json!({"type": "oom", "id": s.id}));
+            seen = now;
+        }
+        if Instant::now() >= next_stats {
+            println!("{}", stats_json(&s.id, &stats));
+            next_stats += interval;
+        }
+        use std::io::Write;
+        let _ = std::io::stdout().flush();
     }
 }
 
