@@ -31,6 +31,9 @@ pub mod agent_ttrpc {
 /// the agent).
 pub mod syscalls;
 
+/// Running OCI hooks (host-side ones in the shim, container ones in the agent).
+pub mod hooks;
+
 /// Bumped whenever a change to the API is not backward compatible.
 pub const PROTOCOL_VERSION: u32 = 2;
 

@@ -181,6 +181,9 @@ fn differential(name: &str, edit: impl Fn(&mut Value)) {
         hull_dir.path(),
         &id,
     );
+    for d in HOST_DIRS.with(|dirs| std::mem::take(&mut *dirs.borrow_mut())) {
+        let _ = std::fs::remove_dir_all(d);
+    }
     if (&runc.stdout, runc.code, runc.signal) != (&hull.stdout, hull.code, hull.signal) {
         let diff = line_diff(&runc.stdout, &hull.stdout);
         panic!(
@@ -294,10 +297,16 @@ fn add_mount(spec: &mut Value, m: Value) {
         .push(m);
 }
 
+thread_local! {
+    /// The host directories this test's variant made (each test runs on its own thread).
+    static HOST_DIRS: std::cell::RefCell<Vec<std::path::PathBuf>> = Default::default();
+}
+
 /// A host directory to bind into the container, with a file and a script in it. Lives as
 /// long as the test process (the bundle copies cannot share a TempDir).
 fn host_dir(name: &str) -> String {
     let d = std::env::temp_dir().join(format!("hull-diff-src-{name}-{}", std::process::id()));
+    HOST_DIRS.with(|dirs| dirs.borrow_mut().push(d.clone()));
     std::fs::create_dir_all(&d).unwrap();
     std::fs::write(d.join("file"), "from the host\n").unwrap();
     std::fs::write(d.join("run.sh"), "#!/bin/sh\necho ran\n").unwrap();

@@ -651,3 +651,167 @@ fn reap_zombies_named(comm: &str) {
         }
     }
 }
+
+/// Hooks that write the state they were given to `out/<name>.json` (host side) or, for
+/// startContainer (which runs in the container), to the container's /tmp.
+fn add_hooks(spec: &mut Value, out: &Path) {
+    let host = |name: &str| json!([{"path": "/bin/sh", "args": ["sh", "-c", format!("cat > {}/{name}.json", out.display())]}]);
+    spec["hooks"] = json!({
+        "prestart": host("prestart"),
+        "createRuntime": host("createRuntime"),
+        "poststart": host("poststart"),
+        "poststop": host("poststop"),
+        "startContainer": [{"path": "/bin/sh", "args": ["sh", "-c", "cat > /tmp/startContainer.json"],
+            "env": ["HOOK=1"], "timeout": 10}],
+    });
+}
+
+/// What each hook saw, in lifecycle order: its status, whether pid was the --pid-file
+/// pid (0 for poststop), and whether id and bundle were right.
+fn hook_summary(out: &Path, rootfs: &Path, id: &str, bundle: &Path, pid: i32) -> String {
+    let mut s = String::new();
+    for (name, dir) in [
+        ("prestart", out),
+        ("createRuntime", out),
+        ("startContainer", &rootfs.join("tmp")),
+        ("poststart", out),
+        ("poststop", out),
+    ] {
+        let Ok(text) = std::fs::read_to_string(dir.join(format!("{name}.json"))) else {
+            s += &format!("{name}: not run\n");
+            continue;
+        };
+        let v: Value = serde_json::from_str(&text).expect("hook state is JSON");
+        let pid_seen = match v["pid"].as_i64() {
+            Some(0) => "0".to_string(),
+            Some(p) if p == pid as i64 => "the container's".to_string(),
+            other => format!("{other:?}"),
+        };
+        s += &format!(
+            "{name}: {} pid {pid_seen} id {} bundle {}\n",
+            v["status"],
+            v["id"] == id,
+            v["bundle"] == bundle.to_str().unwrap()
+        );
+    }
+    s
+}
+
+#[test]
+fn hooks_run_when_runcs_do_and_see_the_same_state() {
+    become_subreaper();
+    let dir = TempDir::new("cli-hooks");
+    let mut summaries = Vec::new();
+    for runtime in ["runc", "hull"] {
+        let sub = TempDir::new(&format!("cli-hooks-{runtime}"));
+        let out = dir.path().join(runtime);
+        std::fs::create_dir_all(&out).unwrap();
+        let b = bundle(&sub, |s| {
+            args(s, &["sh", "-c", "sleep 30"]);
+            s["root"]["readonly"] = json!(false);
+            add_hooks(s, &out);
+        });
+        let root = sub.path().join("state");
+        let pid_file = sub.path().join("pid");
+        let program = if runtime == "runc" {
+            PathBuf::from("runc")
+        } else {
+            hull_bin()
+        };
+        // The container keeps the stdio it was given: files, not pipes to wait on.
+        let log = sub.path().join("calls.log");
+        let call = |a: &[&str]| {
+            let status = Command::new(&program)
+                .arg("--root")
+                .arg(&root)
+                .args(a)
+                .stdin(Stdio::null())
+                .stdout(File::create(&log).unwrap())
+                .stderr(File::create(&log).unwrap())
+                .status()
+                .unwrap();
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            assert!(status.success(), "{runtime} {a:?}: {text}");
+        };
+        call(&[
+            "create",
+            "--bundle",
+            b.to_str().unwrap(),
+            "--pid-file",
+            pid_file.to_str().unwrap(),
+            "hk",
+        ]);
+        let pid = read_pid(&pid_file);
+        // Debian 12's runc 1.1 runs poststart hooks during create (fixed in runc 1.2);
+        // the runtime spec, and hull, run them after start.
+        if runtime == "hull" {
+            assert!(!out.join("poststart.json").exists());
+        }
+        call(&["start", "hk"]);
+        assert!(eventually(10, || b
+            .join("rootfs/tmp/startContainer.json")
+            .exists()));
+        call(&["kill", "hk", "KILL"]);
+        wait_pid(pid);
+        call(&["delete", "hk"]);
+        summaries.push(hook_summary(&out, &b.join("rootfs"), "hk", &b, pid));
+    }
+    let without_poststart = |s: &str| {
+        s.lines()
+            .filter(|l| !l.starts_with("poststart"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    assert_eq!(
+        without_poststart(&summaries[0]),
+        without_poststart(&summaries[1]),
+        "runc's hooks (left) and hull's (right)"
+    );
+    assert!(
+        summaries[1].contains("poststart: \"running\" pid the container's id true bundle true")
+            && summaries[1].contains("poststop: \"stopped\""),
+        "{}",
+        summaries[1]
+    );
+}
+
+#[test]
+fn a_failing_hook_fails_its_step_and_leaves_nothing() {
+    become_subreaper();
+    let dir = TempDir::new("cli-hook-fail");
+    let root = dir.path().join("state");
+    let b = bundle(&dir, |s| {
+        args(s, &["true"]);
+        s["hooks"] = json!({"createRuntime": [{"path": "/bin/sh", "args": ["sh", "-c", "echo no GPU here >&2; exit 3"]}]});
+    });
+    let err = fails(&root, &["create", "--bundle", b.to_str().unwrap(), "bad"]);
+    assert!(
+        err.contains("createRuntime hook /bin/sh failed") && err.contains("no GPU here"),
+        "{err}"
+    );
+    assert_container_gone(&root, "bad");
+
+    // In the guest: a startContainer hook that times out fails start.
+    let dir = TempDir::new("cli-hook-slow");
+    let b = bundle(&dir, |s| {
+        args(s, &["true"]);
+        s["hooks"] = json!({"startContainer": [{"path": "/bin/sleep", "args": ["sleep", "30"], "timeout": 1}],
+            "createContainer": [{"path": "/bin/sh", "args": ["sh", "-c", "cat > /tmp/created.json"]}]});
+    });
+    let pid = create(&root, &b, "slow");
+    let created: Value =
+        serde_json::from_str(&std::fs::read_to_string(b.join("rootfs/tmp/created.json")).unwrap())
+            .unwrap();
+    assert_eq!(
+        (created["status"].as_str(), created["id"].as_str()),
+        (Some("creating"), Some("slow"))
+    );
+    let err = fails(&root, &["start", "slow"]);
+    assert!(
+        err.contains("startContainer hook /bin/sleep did not finish within its timeout (1 s)"),
+        "{err}"
+    );
+    wait_pid(pid);
+    ok(&root, &["delete", "slow"]);
+    assert_container_gone(&root, "slow");
+}

@@ -64,6 +64,12 @@ pub(super) fn finish(ctl: RawFd, prepared: Result<Prepared>) -> ExitCode {
         // The container was removed before it started.
         _ => return ExitCode::SUCCESS,
     }
+    for h in &prepared.start_hooks {
+        if let Err(e) = run_hook("startContainer", h, &prepared.hook_state) {
+            let _ = send_msg(ctl, format!("{e:#}").as_bytes(), None);
+            return ExitCode::from(1);
+        }
+    }
     let (code, message) = exec(&prepared);
     let _ = send_msg(ctl, message.as_bytes(), None);
     ExitCode::from(code)
@@ -76,6 +82,9 @@ pub(super) struct Prepared {
     /// A seccomp filter to install just before exec (with no_new_privs; without it the
     /// filter went in while the process still had CAP_SYS_ADMIN).
     seccomp: Option<seccomp::Program>,
+    /// startContainer hooks (the container's init only), run once start comes.
+    start_hooks: Vec<oci_spec::runtime::Hook>,
+    hook_state: Vec<u8>,
 }
 
 fn setup(ctl: RawFd) -> Result<Prepared> {
@@ -85,6 +94,23 @@ fn setup(ctl: RawFd) -> Result<Prepared> {
     let terminal = terminal == b"terminal";
     let (spec, _) = recv_msg(ctl)?;
     let spec: Spec = serde_json::from_slice(&spec).context("parsing the OCI spec")?;
+    let (id, _) = recv_msg(ctl)?;
+    let id = String::from_utf8_lossy(&id).into_owned();
+    // Container hooks run in the container's namespaces: its init's pid is the one it
+    // has there (1 with a pid namespace), as runc tells them.
+    let pid = std::process::id();
+    let hook_state = |status: &str| {
+        let mut annotations = spec.annotations().clone().unwrap_or_default();
+        let bundle = annotations.remove(BUNDLE_ANNOTATION).unwrap_or_default();
+        serde_json::json!({
+            "ociVersion": spec.version(),
+            "id": id,
+            "status": status,
+            "pid": pid,
+            "bundle": bundle,
+            "annotations": annotations,
+        })
+    };
     let process = spec.process().as_ref().context("the spec has no process")?;
     let linux = spec.linux().clone().unwrap_or_default();
     // The agent has moved this process into the container's cgroup: a cgroup namespace
@@ -124,6 +150,14 @@ fn setup(ctl: RawFd) -> Result<Prepared> {
             .with_context(|| format!("setting hostname {hostname:?}"))?;
     }
     pivot_root(&rootfs)?;
+    // createContainer hooks: in the container's namespaces. Their paths resolve in the
+    // container's root (the guest's own root holds nothing but the agent).
+    let hooks = spec.hooks().clone().unwrap_or_default();
+    run_hooks(
+        "createContainer",
+        hooks.create_container().as_deref().unwrap_or_default(),
+        &hook_state("creating"),
+    )?;
     // As runc: a working directory that is not there is made (before / turns read-only).
     std::fs::create_dir_all(process.cwd())
         .with_context(|| format!("creating working directory {}", process.cwd().display()))?;
@@ -158,7 +192,37 @@ fn setup(ctl: RawFd) -> Result<Prepared> {
         open_terminal(ctl)?;
     }
     let late = apply_process(process, linux.seccomp().as_ref())?;
-    prepare(process, late)
+    let mut prepared = prepare(process, late)?;
+    prepared.start_hooks = hooks.start_container().clone().unwrap_or_default();
+    prepared.hook_state = serde_json::to_vec(&hook_state("created"))?;
+    Ok(prepared)
+}
+
+/// The annotation the host puts the bundle path in (hooks' state names it).
+const BUNDLE_ANNOTATION: &str = "io.github.hull.bundle";
+
+/// Runs `hooks` in order with `state` on their stdin; the first failure is the error.
+fn run_hooks(
+    kind: &str,
+    hooks: &[oci_spec::runtime::Hook],
+    state: &serde_json::Value,
+) -> Result<()> {
+    let state = serde_json::to_vec(state)?;
+    for h in hooks {
+        run_hook(kind, h, &state)?;
+    }
+    Ok(())
+}
+
+fn run_hook(kind: &str, h: &oci_spec::runtime::Hook, state: &[u8]) -> Result<()> {
+    hull_protocol::hooks::run(
+        &h.path().to_string_lossy(),
+        h.args().as_deref().unwrap_or_default(),
+        h.env().as_deref().unwrap_or_default(),
+        h.timeout(),
+        state,
+    )
+    .map_err(|e| anyhow::anyhow!("{kind} {e}"))
 }
 
 /// The process's argv, env and PATH as exec needs them.
@@ -190,6 +254,8 @@ pub(super) fn prepare(process: &Process, seccomp: Option<seccomp::Program>) -> R
         env: cstrings(env, "env")?,
         path_var,
         seccomp,
+        start_hooks: Vec::new(),
+        hook_state: Vec::new(),
     })
 }
 

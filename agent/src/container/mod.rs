@@ -223,6 +223,7 @@ impl Manager {
                         rootfs.as_os_str().as_encoded_bytes(),
                         terminal_flag(terminal),
                         spec_json,
+                        id.as_bytes(),
                     ],
                     None,
                 )

@@ -147,6 +147,11 @@ pub fn guest_spec(b: &Bundle, cid: &str) -> Result<GuestSpec> {
         }
     }
     inherit_rlimits(&mut spec["process"]);
+    // The guest's hooks are told the bundle, as host ones are (see the agent's init).
+    if !spec["annotations"].is_object() {
+        spec["annotations"] = json!({});
+    }
+    spec["annotations"]["io.github.hull.bundle"] = json!(b.dir.display().to_string());
     let terminal = spec["process"]["terminal"].as_bool().unwrap_or(false);
     Ok(GuestSpec {
         spec,

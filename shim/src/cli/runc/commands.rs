@@ -10,6 +10,7 @@ use serde_json::{json, Value};
 use sha2::Digest;
 
 use super::bundle::{self, Bundle};
+use super::hooks::{self, Kind};
 use super::host_cgroup;
 use super::state::{self, process_alive, process_start, State, Status, Store};
 use super::{flag, parse_flags, Flag, Global, Parsed};
@@ -168,8 +169,13 @@ fn boot_container(g: &Global, store: &Store, b: &Bundle, console: &Console) -> R
         )?)?),
         None => None,
     };
+    let me = std::process::id() as i32;
+    let annotations = b.spec.annotations().clone().unwrap_or_default();
     let started = (|| {
         sandbox.boot()?;
+        let creating = oci_state(&cid, Status::Creating, me, &b.dir, &annotations);
+        hooks::run(&b.raw, Kind::Prestart, &creating)?;
+        hooks::run(&b.raw, Kind::CreateRuntime, &creating)?;
         let agent = sandbox.agent()?.clone();
         agent.create_container(
             &cid,
@@ -192,7 +198,6 @@ fn boot_container(g: &Global, store: &Store, b: &Bundle, console: &Console) -> R
             return Err(e);
         }
     };
-    let me = std::process::id() as i32;
     let state = State {
         id: cid,
         bundle: b.dir.clone(),
@@ -203,7 +208,7 @@ fn boot_container(g: &Global, store: &Store, b: &Bundle, console: &Console) -> R
         pid_start: process_start(me).map(|(s, _)| s).unwrap_or_default(),
         sandbox_dir: sandbox.dir().to_path_buf(),
         host_cgroups: joined.as_ref().map(|j| j.leaves()).unwrap_or_default(),
-        annotations: b.spec.annotations().clone().unwrap_or_default(),
+        annotations,
     };
     if let Err(e) = store.save(&state) {
         drop(sandbox);
@@ -307,6 +312,7 @@ fn run(g: &Global, args: &[String]) -> Result<i32> {
             s.agent(&state)?.start_container(&s.id)?;
             state.status = Status::Running;
             s.save(&state)?;
+            hooks::run_or_warn(&b.raw, Kind::Poststart, &state_json(&s, &state));
             write_pid_file(p.get("pid-file"), pid)
         });
         return started.map(|()| 0).map_err(|e| abort(&s, e));
@@ -329,12 +335,14 @@ fn run(g: &Global, args: &[String]) -> Result<i32> {
     } else if let Ok(mut state) = s.load() {
         state.status = Status::Running;
         let _ = s.save(&state);
+        hooks::run_or_warn(&b.raw, Kind::Poststart, &state_json(&s, &state));
     }
     drop(lock);
     let exit = serve_init(&s, booted);
     if !p.is_set("keep") {
         if let Ok(state) = s.load() {
             host_cgroup::leave_and_remove(&state.host_cgroups);
+            hooks::run_or_warn(&b.raw, Kind::Poststop, &state_json(&s, &state));
         }
         let _ = std::fs::remove_dir_all(&s.dir);
     }
@@ -362,21 +370,39 @@ fn start(g: &Global, args: &[String]) -> Result<i32> {
     agent.start_container(&s.id)?;
     state.status = Status::Running;
     s.save(&state)?;
+    hooks::run_or_warn(&s.config()?, Kind::Poststart, &state_json(&s, &state));
     Ok(0)
 }
 
 fn state_json(s: &Store, state: &State) -> Value {
     let status = s.status(state);
+    let pid = if status == Status::Stopped {
+        0
+    } else {
+        state.pid
+    };
+    let mut v = oci_state(&state.id, status, pid, &state.bundle, &state.annotations);
+    v["rootfs"] = json!(state.rootfs);
+    v["created"] = json!(state.created);
+    v["owner"] = json!("");
+    v
+}
+
+/// The runtime spec's state of a container (what `state` prints and hooks read).
+fn oci_state(
+    id: &str,
+    status: Status,
+    pid: i32,
+    bundle: &Path,
+    annotations: &std::collections::HashMap<String, String>,
+) -> Value {
     json!({
         "ociVersion": "1.2.0",
-        "id": state.id,
-        "pid": if status == Status::Stopped { 0 } else { state.pid },
+        "id": id,
+        "pid": pid,
         "status": status.as_str(),
-        "bundle": state.bundle,
-        "rootfs": state.rootfs,
-        "created": state.created,
-        "owner": "",
-        "annotations": state.annotations,
+        "bundle": bundle,
+        "annotations": annotations,
     })
 }
 
@@ -469,6 +495,7 @@ fn clean_sandbox_dir(dir: &Path) {
 /// Kills what is left of a container (its init, then its monitor and VM if they do not
 /// go), cleans up the sandbox and host cgroups, and removes its state directory.
 fn destroy(s: &Store, state: Option<&State>) -> Result<()> {
+    let spec = s.config().ok();
     if let Some(state) = state {
         if s.status(state) != Status::Stopped {
             // The monitor sees the init die, tears the VM down and exits.
@@ -488,6 +515,15 @@ fn destroy(s: &Store, state: Option<&State>) -> Result<()> {
                 matches!(std::fs::remove_dir(cg), Ok(())) || !cg.exists()
             });
         }
+    }
+    if let (Some(spec), Some(state)) = (&spec, state) {
+        // As runc tells poststop hooks: stopped, and no pid.
+        let mut v = state_json(s, state);
+        v["status"] = json!("stopped");
+        if let Some(o) = v.as_object_mut() {
+            o.remove("pid");
+        }
+        hooks::run_or_warn(spec, Kind::Poststop, &v);
     }
     // Never delete through a mount.
     if !mounts_under(&s.dir).is_empty() {
@@ -1030,7 +1066,8 @@ fn features(args: &[String]) -> Result<i32> {
     let f = json!({
         "ociVersionMin": "1.0.0",
         "ociVersionMax": "1.3.0",
-        "hooks": [],
+        "hooks": ["prestart", "createRuntime", "createContainer", "startContainer",
+            "poststart", "poststop"],
         "mountOptions": ["bind", "rbind", "ro", "rw", "nosuid", "suid", "nodev", "dev",
             "noexec", "exec", "sync", "async", "dirsync", "remount", "mand", "nomand",
             "atime", "noatime", "diratime", "nodiratime", "relatime", "norelatime",

@@ -5,6 +5,7 @@
 
 mod bundle;
 mod commands;
+mod hooks;
 mod host_cgroup;
 pub mod state;
 

@@ -17,6 +17,8 @@ use crate::vsock::HybridVsock;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Status {
+    /// Only while `create` runs (what prestart and createRuntime hooks are told).
+    Creating,
     Created,
     Running,
     Paused,
@@ -26,6 +28,7 @@ pub enum Status {
 impl Status {
     pub fn as_str(self) -> &'static str {
         match self {
+            Status::Creating => "creating",
             Status::Created => "created",
             Status::Running => "running",
             Status::Paused => "paused",
