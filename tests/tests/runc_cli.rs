@@ -815,3 +815,48 @@ fn a_failing_hook_fails_its_step_and_leaves_nothing() {
     ok(&root, &["delete", "slow"]);
     assert_container_gone(&root, "slow");
 }
+
+/// Debian 12's runc (1.1) has no time namespaces, so this one is not compared with runc.
+#[test]
+fn a_time_namespace_shifts_the_containers_clocks() {
+    become_subreaper();
+    let dir = TempDir::new("cli-timens");
+    let root = dir.path().join("state");
+    let b = bundle(&dir, |s| {
+        // The init itself reads the clock (a shell builtin), not only its children.
+        args(
+            s,
+            &[
+                "sh",
+                "-c",
+                "read up rest < /proc/uptime; echo ${up%.*}; sleep 30",
+            ],
+        );
+        s["linux"]["namespaces"]
+            .as_array_mut()
+            .unwrap()
+            .push(json!({"type": "time"}));
+        s["linux"]["timeOffsets"] = json!({"boottime": {"secs": 864000, "nanosecs": 0}});
+    });
+    let pid = create(&root, &b, "tns");
+    ok(&root, &["start", "tns"]);
+    let uptime = |text: &str| text.trim().parse::<u64>().unwrap_or(0);
+    assert!(eventually(10, || uptime(
+        &std::fs::read_to_string(b.join("tns.out")).unwrap_or_default()
+    ) >= 864000));
+    // An exec'd process joins the container's time namespace.
+    let out = ok(&root, &["exec", "tns", "cut", "-d.", "-f1", "/proc/uptime"]);
+    assert!(uptime(&out) >= 864000, "{out}");
+    ok(&root, &["kill", "tns", "KILL"]);
+    wait_pid(pid);
+    ok(&root, &["delete", "tns"]);
+
+    // Offsets without the namespace are refused, and nothing is left.
+    let bad = TempDir::new("cli-timens-bad");
+    let b = bundle(&bad, |s| {
+        s["linux"]["timeOffsets"] = json!({"monotonic": {"secs": 5}});
+    });
+    let err = fails(&root, &["create", "--bundle", b.to_str().unwrap(), "tbad"]);
+    assert!(err.contains("asks for no time namespace"), "{err}");
+    assert_container_gone(&root, "tbad");
+}

@@ -18,7 +18,7 @@ use super::{recv_msg, send_msg};
 pub const ARG: &str = "container-exec";
 
 /// Namespaces joined, the mount namespace last (it changes what /proc paths mean).
-const NAMESPACES: [&str; 6] = ["ipc", "uts", "net", "cgroup", "pid", "mnt"];
+const NAMESPACES: [&str; 7] = ["ipc", "uts", "net", "cgroup", "pid", "time", "mnt"];
 
 pub fn run() -> ExitCode {
     let ctl = take_control_fd();

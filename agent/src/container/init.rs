@@ -117,6 +117,7 @@ fn setup(ctl: RawFd) -> Result<Prepared> {
     // made now is rooted there. Always one: the guest's cgroup tree is the VM's business.
     nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWCGROUP)
         .context("creating the cgroup namespace")?;
+    time_namespace(&linux)?;
 
     // Nothing done in here may reach the agent's mount namespace.
     mount(
@@ -196,6 +197,50 @@ fn setup(ctl: RawFd) -> Result<Prepared> {
     prepared.start_hooks = hooks.start_container().clone().unwrap_or_default();
     prepared.hook_state = serde_json::to_vec(&hook_state("created"))?;
     Ok(prepared)
+}
+
+/// A time namespace with the spec's clock offsets, if it asks for one. The offsets are
+/// written at once, while nothing is in it yet (hooks are children: they would enter).
+fn time_namespace(linux: &oci_spec::runtime::Linux) -> Result<()> {
+    let wanted = linux
+        .namespaces()
+        .as_deref()
+        .unwrap_or_default()
+        .iter()
+        .any(|n| n.typ() == oci_spec::runtime::LinuxNamespaceType::Time);
+    let offsets = linux.time_offsets().clone().unwrap_or_default();
+    if !wanted {
+        if !offsets.is_empty() {
+            bail!("timeOffsets are set but the spec asks for no time namespace: add one");
+        }
+        return Ok(());
+    }
+    // SAFETY: unshare takes a flag word and touches no memory of ours.
+    if unsafe { libc::unshare(libc::CLONE_NEWTIME) } != 0 {
+        return Err(std::io::Error::last_os_error()).context("creating the time namespace");
+    }
+    let mut text = String::new();
+    for (clock, o) in &offsets {
+        if clock != "monotonic" && clock != "boottime" {
+            bail!("timeOffsets: clock {clock:?} cannot be offset: use monotonic or boottime");
+        }
+        text += &format!(
+            "{clock} {} {}\n",
+            o.secs().unwrap_or(0),
+            o.nanosecs().unwrap_or(0)
+        );
+    }
+    if !text.is_empty() {
+        std::fs::write("/proc/self/timens_offsets", &text)
+            .with_context(|| format!("setting the time namespace's offsets ({})", text.trim()))?;
+    }
+    // unshare put only our future children in it, and exec does not move us: enter it
+    // (this process is single-threaded, as setns into a time namespace requires).
+    let ns = std::fs::File::open("/proc/self/ns/time_for_children")
+        .context("opening the new time namespace")?;
+    nix::sched::setns(ns.as_raw_fd(), nix::sched::CloneFlags::empty())
+        .context("entering the time namespace")?;
+    Ok(())
 }
 
 /// The annotation the host puts the bundle path in (hooks' state names it).

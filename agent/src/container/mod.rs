@@ -117,6 +117,8 @@ fn clone_flags(spec: &Spec) -> Result<libc::c_int> {
             // The init unshares it once the agent has moved it into its cgroup, so that
             // the namespace's root is the container's cgroup (as runc does).
             LinuxNamespaceType::Cgroup => 0,
+            // Unshared by the init too: clone() cannot take CLONE_NEWTIME.
+            LinuxNamespaceType::Time => 0,
             other => bail!("{other:?} namespaces are not supported yet"),
         };
     }

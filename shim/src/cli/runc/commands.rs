@@ -1074,7 +1074,7 @@ fn features(args: &[String]) -> Result<i32> {
             "strictatime", "nostrictatime", "private", "rprivate", "shared", "rshared",
             "slave", "rslave", "unbindable", "runbindable"],
         "linux": {
-            "namespaces": ["cgroup", "ipc", "mount", "network", "pid", "uts"],
+            "namespaces": ["cgroup", "ipc", "mount", "network", "pid", "time", "uts"],
             "capabilities": hull_protocol::CAPABILITIES.as_slice(),
             "cgroup": {"v1": false, "v2": true, "systemd": false, "systemdUser": false},
             "seccomp": {
