@@ -117,6 +117,11 @@ fn mount_line(line: &str) -> Option<String> {
     if point == "/" {
         return Some(format!("/ {opts}"));
     }
+    // In a user namespace device nodes are bound from the machine's /dev: its mount
+    // options and size are the machine's, not the container's.
+    if fstype == "devtmpfs" {
+        return Some(format!("{point} (a device bound from the machine's /dev)"));
+    }
     // Host directories reach the guest through virtio-fs: a bind of one shows virtiofs
     // there and the host's file system under runc.
     let (fstype, superopts) = match fstype {
@@ -318,6 +323,20 @@ fn host_dir(name: &str) -> String {
 /// mknod /dev/kmsg's twin, then open it for writing (no CAP_SYSLOG needed), and /dev/null.
 const TRY_DEVICE: &str = "mknod /dev/k c 1 11 && echo made; (exec 3>/dev/k) 2>&1 && echo open-ok; (exec 3>/dev/null) && echo null-ok";
 
+/// Who owns what the container sees, its maps, and whether root can write the rootfs.
+const USERNS_PROBE: &str = "cat /proc/self/uid_map /proc/self/gid_map; ls -ln /bin/busybox | awk '{print $3, $4}'; touch /tmp/x 2>&1; echo x > /dev/null && echo dev-null-ok";
+
+/// Container ids 0-65535 on 100000-165535 outside.
+fn with_user_namespace(spec: &mut Value) {
+    spec["linux"]["namespaces"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"type": "user"}));
+    let map = json!([{"containerID": 0, "hostID": 100000, "size": 65536}]);
+    spec["linux"]["uidMappings"] = map.clone();
+    spec["linux"]["gidMappings"] = map;
+}
+
 const TRY_MOUNT: &str = "cat /data/file; /data/run.sh; (echo x > /data/new && echo wrote-new && rm /data/new) 2>&1; ls /data";
 
 variants! {
@@ -462,6 +481,15 @@ variants! {
     memory_limit_oom_kill => |s| {
         s["linux"]["resources"]["memory"] = json!({"limit": 33554432});
         extra(s, "dd if=/dev/zero of=/dev/null bs=64M count=1 2>/dev/null; echo dd=$?");
+    };
+    user_namespace => |s| {
+        with_user_namespace(s);
+        extra(s, USERNS_PROBE);
+    };
+    user_namespace_with_a_user => |s| {
+        with_user_namespace(s);
+        user(s, 1000, 1000);
+        extra(s, USERNS_PROBE);
     };
 }
 

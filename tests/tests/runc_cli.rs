@@ -860,3 +860,40 @@ fn a_time_namespace_shifts_the_containers_clocks() {
     assert!(err.contains("asks for no time namespace"), "{err}");
     assert_container_gone(&root, "tbad");
 }
+
+#[test]
+fn exec_joins_the_user_namespace_and_maps_are_required() {
+    become_subreaper();
+    let dir = TempDir::new("cli-userns");
+    let root = dir.path().join("state");
+    let userns = |s: &mut Value| {
+        s["linux"]["namespaces"]
+            .as_array_mut()
+            .unwrap()
+            .push(json!({"type": "user"}));
+    };
+    let b = bundle(&dir, |s| {
+        args(s, &["sleep", "30"]);
+        userns(s);
+        let map = json!([{"containerID": 0, "hostID": 200000, "size": 1000}]);
+        s["linux"]["uidMappings"] = map.clone();
+        s["linux"]["gidMappings"] = map;
+    });
+    let pid = create(&root, &b, "uns");
+    ok(&root, &["start", "uns"]);
+    let out = ok(
+        &root,
+        &["exec", "uns", "sh", "-c", "id -u; cat /proc/self/uid_map"],
+    );
+    let words: Vec<&str> = out.split_whitespace().collect();
+    assert_eq!(words, ["0", "0", "200000", "1000"], "{out}");
+    ok(&root, &["kill", "uns", "KILL"]);
+    wait_pid(pid);
+    ok(&root, &["delete", "uns"]);
+
+    let bad = TempDir::new("cli-userns-bad");
+    let b = bundle(&bad, userns);
+    let err = fails(&root, &["create", "--bundle", b.to_str().unwrap(), "ubad"]);
+    assert!(err.contains("gives no uidMappings/gidMappings"), "{err}");
+    assert_container_gone(&root, "ubad");
+}

@@ -60,9 +60,23 @@ fn join_and_fork(ctl: RawFd) -> Result<Option<Result<super::init::Prepared>>> {
                 .with_context(|| format!("opening {path}"))
         })
         .collect::<Result<_>>()?;
+    // The user namespace last: we still have the guest's capabilities for the others.
+    // Not when it is ours already (the container has none): setns refuses that.
+    let user = File::open(format!("/proc/{pid}/ns/user")).context("opening the user namespace")?;
+    let same_user = std::fs::metadata(format!("/proc/{pid}/ns/user"))
+        .and_then(|a| std::fs::metadata("/proc/self/ns/user").map(|b| (a, b)))
+        .map(|(a, b)| {
+            use std::os::unix::fs::MetadataExt;
+            a.ino() == b.ino() && a.dev() == b.dev()
+        })
+        .context("comparing user namespaces")?;
     for (ns, f) in &files {
         nix::sched::setns(f.as_raw_fd(), nix::sched::CloneFlags::empty())
             .with_context(|| format!("joining the container's {ns} namespace"))?;
+    }
+    if !same_user {
+        nix::sched::setns(user.as_raw_fd(), nix::sched::CloneFlags::CLONE_NEWUSER)
+            .context("joining the container's user namespace")?;
     }
     // SAFETY: fork-like clone; the child continues in this single-threaded helper.
     let child = unsafe {

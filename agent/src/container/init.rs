@@ -421,18 +421,7 @@ pub(super) fn apply_process(
         .transpose()
         .map_err(|e| e.context("the spec's seccomp profile"))?;
     let nnp = process.no_new_privileges().unwrap_or(false);
-    for r in process.rlimits().as_deref().unwrap_or_default() {
-        let name = serde_json::to_value(r.typ())?;
-        let resource = rlimit_resource(name.as_str().unwrap_or_default())?;
-        let limit = libc::rlimit {
-            rlim_cur: r.soft(),
-            rlim_max: r.hard(),
-        };
-        // SAFETY: setrlimit reads a valid rlimit that lives across the call.
-        if unsafe { libc::setrlimit(resource, &limit) } != 0 {
-            return Err(std::io::Error::last_os_error()).with_context(|| format!("setting {name}"));
-        }
-    }
+    set_rlimits(0, process)?;
     if let Some(score) = process.oom_score_adj() {
         std::fs::write("/proc/self/oom_score_adj", score.to_string())
             .context("setting oom_score_adj")?;
@@ -481,6 +470,26 @@ pub(super) fn apply_process(
     nix::unistd::chdir(cwd)
         .with_context(|| format!("cannot enter working directory {}", cwd.display()))?;
     Ok(filter)
+}
+
+/// Sets the spec's rlimits on `pid` (0: this process). The agent sets them on a process
+/// in its own user namespace from outside: in there it could not raise a hard limit above
+/// what it inherited (that takes CAP_SYS_RESOURCE in the guest's namespace).
+pub(super) fn set_rlimits(pid: i32, process: &Process) -> Result<()> {
+    for r in process.rlimits().as_deref().unwrap_or_default() {
+        let name = serde_json::to_value(r.typ())?;
+        let resource = rlimit_resource(name.as_str().unwrap_or_default())?;
+        let limit = libc::rlimit {
+            rlim_cur: r.soft(),
+            rlim_max: r.hard(),
+        };
+        // SAFETY: prlimit reads a valid rlimit that lives across the call and writes
+        // nothing (old is null).
+        if unsafe { libc::prlimit(pid, resource, &limit, std::ptr::null_mut()) } != 0 {
+            return Err(std::io::Error::last_os_error()).with_context(|| format!("setting {name}"));
+        }
+    }
+    Ok(())
 }
 
 // glibc and musl disagree on the type of setrlimit's resource argument.

@@ -119,7 +119,7 @@ fn clone_flags(spec: &Spec) -> Result<libc::c_int> {
             LinuxNamespaceType::Cgroup => 0,
             // Unshared by the init too: clone() cannot take CLONE_NEWTIME.
             LinuxNamespaceType::Time => 0,
-            other => bail!("{other:?} namespaces are not supported yet"),
+            LinuxNamespaceType::User => libc::CLONE_NEWUSER,
         };
     }
     if flags & libc::CLONE_NEWNS == 0 {
@@ -207,6 +207,7 @@ impl Manager {
         }
         let rootfs = rootfs_path(&spec)?;
         let flags = clone_flags(&spec)?;
+        let maps = id_maps(&spec, flags)?;
         let seccomp =
             serde_json::to_vec(&spec.linux().as_ref().and_then(|l| l.seccomp().as_ref()))?;
         let terminal = process.terminal().unwrap_or(false);
@@ -217,7 +218,10 @@ impl Manager {
         let resources = spec.linux().as_ref().and_then(|l| l.resources().as_ref());
         let cgroup = cgroup::Cgroup::create(id, resources)?;
         let spawned = open_process_stdio(&stdio).and_then(|(stdio_fds, tty_stream)| {
-            let (pid, ours) = spawn_helper(flags, init::ARG, stdio_fds)?;
+            let (pid, ours) = spawn_helper(flags, init::ARG, stdio_fds, maps.as_ref())?;
+            if maps.is_some() {
+                init::set_rlimits(pid, process)?;
+            }
             let result = cgroup.add(pid).and_then(|()| {
                 self.handshake(
                     ours.as_raw_fd(),
@@ -295,7 +299,7 @@ impl Manager {
             (None, 0) => None,
             (None, _) => Some(stdio_fds[1].try_clone()?),
         };
-        let (helper, ours) = spawn_helper(0, exec::ARG, stdio_fds)?;
+        let (helper, ours) = spawn_helper(0, exec::ARG, stdio_fds, None)?;
         let pid_msg = c.init.pid.to_string();
         let result = self.handshake(
             ours.as_raw_fd(),
@@ -583,7 +587,43 @@ fn open_process_stdio(stdio: &StdioPorts) -> Result<([OwnedFd; 3], Option<OwnedF
 /// Clones a child (into new namespaces per `flags`) that re-execs hull-agent as `arg`,
 /// with `stdio` on fds 0-2 and the control socket on fd 3. Returns its pid (tracked) and
 /// the agent's end of the control socket.
-fn spawn_helper(flags: libc::c_int, arg: &str, stdio: [OwnedFd; 3]) -> Result<(i32, OwnedFd)> {
+/// uid_map and gid_map contents for a container with a user namespace.
+struct IdMaps {
+    uid: String,
+    gid: String,
+}
+
+/// The spec's id mappings, when it asks for a user namespace (which then needs them).
+fn id_maps(spec: &Spec, flags: libc::c_int) -> Result<Option<IdMaps>> {
+    let linux = spec.linux().clone().unwrap_or_default();
+    let lines = |m: &Option<Vec<oci_spec::runtime::LinuxIdMapping>>| {
+        m.as_deref()
+            .unwrap_or_default()
+            .iter()
+            .map(|m| format!("{} {} {}\n", m.container_id(), m.host_id(), m.size()))
+            .collect::<String>()
+    };
+    let (uid, gid) = (lines(linux.uid_mappings()), lines(linux.gid_mappings()));
+    if flags & libc::CLONE_NEWUSER == 0 {
+        if !uid.is_empty() || !gid.is_empty() {
+            bail!(
+                "uidMappings/gidMappings are set but the spec asks for no user namespace: add one"
+            );
+        }
+        return Ok(None);
+    }
+    if uid.is_empty() || gid.is_empty() {
+        bail!("the spec asks for a user namespace but gives no uidMappings/gidMappings: add both");
+    }
+    Ok(Some(IdMaps { uid, gid }))
+}
+
+fn spawn_helper(
+    flags: libc::c_int,
+    arg: &str,
+    stdio: [OwnedFd; 3],
+    maps: Option<&IdMaps>,
+) -> Result<(i32, OwnedFd)> {
     let (ours, theirs) = socketpair(
         AddressFamily::Unix,
         SockType::SeqPacket,
@@ -604,9 +644,25 @@ fn spawn_helper(flags: libc::c_int, arg: &str, stdio: [OwnedFd; 3]) -> Result<(i
         stdio[2].as_raw_fd(),
         theirs.as_raw_fd(),
     ];
+    // With a user namespace the child waits (before exec, which would drop its
+    // capabilities while its ids are unmapped) until its id maps are written.
+    let (gate_r, gate_w) = match maps {
+        Some(_) => {
+            let (r, w) =
+                nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).context("creating a pipe")?;
+            // SAFETY: pipe2 just returned these descriptors and nothing else owns them.
+            unsafe { (Some(OwnedFd::from_raw_fd(r)), Some(OwnedFd::from_raw_fd(w))) }
+        }
+        None => (None, None),
+    };
+    let gate = (
+        gate_r.as_ref().map_or(-1, |f| f.as_raw_fd()),
+        gate_w.as_ref().map_or(-1, |f| f.as_raw_fd()),
+    );
     let pid = reaper::spawn_tracked(|| {
         // SAFETY: a fork-like clone (no CLONE_VM, no new stack). The child runs only
-        // async-signal-safe calls (dup2, fcntl, execve, _exit) on memory prepared above.
+        // async-signal-safe calls (close, read, dup2, fcntl, execve, _exit) on memory
+        // prepared above.
         let pid = unsafe {
             libc::syscall(
                 libc::SYS_clone,
@@ -620,6 +676,21 @@ fn spawn_helper(flags: libc::c_int, arg: &str, stdio: [OwnedFd; 3]) -> Result<(i
         if pid == 0 {
             // SAFETY: as above; the child never returns from this block.
             unsafe {
+                if gate.0 >= 0 {
+                    libc::close(gate.1);
+                    let mut byte = 0u8;
+                    if libc::read(gate.0, (&mut byte as *mut u8).cast(), 1) != 1 {
+                        libc::_exit(122);
+                    }
+                    // Become the namespace's root before exec, or exec would drop the
+                    // capabilities of an unmapped id.
+                    if libc::setgroups(0, std::ptr::null()) != 0
+                        || libc::setresgid(0, 0, 0) != 0
+                        || libc::setresuid(0, 0, 0) != 0
+                    {
+                        libc::_exit(123);
+                    }
+                }
                 for (target, fd) in fds.iter().enumerate() {
                     let target = target as RawFd;
                     if *fd == target {
@@ -638,6 +709,22 @@ fn spawn_helper(flags: libc::c_int, arg: &str, stdio: [OwnedFd; 3]) -> Result<(i
         Ok(pid as i32)
     })?;
     drop((stdio, theirs));
+    if let (Some(maps), Some(w)) = (maps, gate_w) {
+        let written = std::fs::write(format!("/proc/{pid}/uid_map"), &maps.uid)
+            .with_context(|| format!("writing uid_map {:?}", maps.uid.trim()))
+            .and_then(|()| {
+                std::fs::write(format!("/proc/{pid}/gid_map"), &maps.gid)
+                    .with_context(|| format!("writing gid_map {:?}", maps.gid.trim()))
+            });
+        if let Err(e) = written {
+            // Closing the gate unopened ends the child.
+            drop(w);
+            reaper::wait(pid);
+            reaper::forget(pid);
+            return Err(e);
+        }
+        nix::unistd::write(w.as_raw_fd(), b"1").context("releasing the container process")?;
+    }
     Ok((pid, ours))
 }
 

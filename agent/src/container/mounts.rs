@@ -227,17 +227,28 @@ fn create_mountpoint(dest: &Path, dir: bool) -> Result<()> {
 
 /// The device nodes every container gets (as runc), then the spec's own.
 pub fn create_devices(rootfs: &Path, extra: &[LinuxDevice]) -> Result<()> {
+    // runc's order (it shows in mountinfo when they are bind mounts).
     let defaults: [(&str, u64, u64); 6] = [
         ("null", 1, 3),
-        ("zero", 1, 5),
-        ("full", 1, 7),
         ("random", 1, 8),
-        ("urandom", 1, 9),
+        ("full", 1, 7),
         ("tty", 5, 0),
+        ("zero", 1, 5),
+        ("urandom", 1, 9),
     ];
     let dev = rootfs.join("dev");
     for (name, major, minor) in defaults {
-        make_node(&dev.join(name), SFlag::S_IFCHR, major, minor, 0o666, 0, 0)?;
+        let guest = Path::new("/dev").join(name);
+        make_node(
+            &dev.join(name),
+            &guest,
+            SFlag::S_IFCHR,
+            major,
+            minor,
+            0o666,
+            0,
+            0,
+        )?;
     }
     for d in extra {
         let kind = match d.typ() {
@@ -248,6 +259,7 @@ pub fn create_devices(rootfs: &Path, extra: &[LinuxDevice]) -> Result<()> {
         let path = secure_join(rootfs, d.path())?;
         make_node(
             &path,
+            d.path(),
             kind,
             d.major() as u64,
             d.minor() as u64,
@@ -271,8 +283,12 @@ pub fn create_devices(rootfs: &Path, extra: &[LinuxDevice]) -> Result<()> {
     Ok(())
 }
 
+/// Makes the device node `path`; in a user namespace, where mknod is not allowed, binds
+/// the guest's own node `guest` there instead (as runc binds the host's).
+#[allow(clippy::too_many_arguments)]
 fn make_node(
     path: &Path,
+    guest: &Path,
     kind: SFlag,
     major: u64,
     minor: u64,
@@ -284,13 +300,25 @@ fn make_node(
     if let Some(parent) = path.parent() {
         std::fs::create_dir_all(parent)?;
     }
-    mknod(
+    let made = mknod(
         path,
         kind,
         Mode::from_bits_truncate(mode),
         makedev(major, minor),
-    )
-    .with_context(|| format!("creating device {}", path.display()))?;
+    );
+    if made == Err(nix::errno::Errno::EPERM) && in_user_namespace() {
+        std::fs::File::create(path)
+            .with_context(|| format!("creating {} to bind a device on", path.display()))?;
+        return mount(
+            Some(guest),
+            path,
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .with_context(|| format!("binding device {} on {}", guest.display(), path.display()));
+    }
+    made.with_context(|| format!("creating device {}", path.display()))?;
     // mknod honours the umask; set the mode the spec asked for.
     nix::sys::stat::fchmodat(
         None,
@@ -300,6 +328,13 @@ fn make_node(
     )?;
     nix::unistd::chown(path, Some(uid.into()), Some(gid.into()))?;
     Ok(())
+}
+
+/// Whether this process is in a user namespace other than the guest's first one.
+pub fn in_user_namespace() -> bool {
+    std::fs::read_to_string("/proc/self/uid_map")
+        .map(|m| m.split_whitespace().collect::<Vec<_>>() != ["0", "0", "4294967295"])
+        .unwrap_or(false)
 }
 
 #[cfg(test)]
