@@ -387,10 +387,6 @@ variants! {
     no_new_privileges => |s| s["process"]["noNewPrivileges"] = json!(true);
     new_privileges_allowed => |s| s["process"]["noNewPrivileges"] = json!(false);
     hostname => |s| s["hostname"] = json!("probe-host");
-    domainname => |s| {
-        s["domainname"] = json!("probe.example");
-        extra(s, "cat /proc/sys/kernel/domainname");
-    };
     cwd_tmp => |s| s["process"]["cwd"] = json!("/tmp");
     cwd_missing_is_created => |s| s["process"]["cwd"] = json!("/var/new/dir");
     env_set => |s| {

@@ -897,3 +897,26 @@ fn exec_joins_the_user_namespace_and_maps_are_required() {
     assert!(err.contains("gives no uidMappings/gidMappings"), "{err}");
     assert_container_gone(&root, "ubad");
 }
+
+/// Debian 12's runc (1.1) accepts and ignores domainname and personality (runc 1.2 applies
+/// them), so these follow the runtime spec rather than that runc.
+#[test]
+fn domainname_and_personality_are_applied() {
+    let dir = TempDir::new("cli-persona");
+    let root = dir.path().join("state");
+    let b = bundle(&dir, |s| {
+        args(
+            s,
+            &["sh", "-c", "cat /proc/sys/kernel/domainname; uname -m"],
+        );
+        s["domainname"] = json!("probe.example");
+        s["linux"]["personality"] = json!({"domain": "LINUX32"});
+    });
+    let out = hull(&root, &["run", "--bundle", b.to_str().unwrap(), "pers"]);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "probe.example\ni686\n",
+        "{out:?}"
+    );
+    assert_container_gone(&root, "pers");
+}

@@ -150,6 +150,16 @@ fn setup(ctl: RawFd) -> Result<Prepared> {
         nix::unistd::sethostname(hostname)
             .with_context(|| format!("setting hostname {hostname:?}"))?;
     }
+    if let Some(domain) = spec.domainname() {
+        // SAFETY: setdomainname reads `len` bytes of a live string.
+        if unsafe { libc::setdomainname(domain.as_ptr().cast(), domain.len()) } != 0 {
+            return Err(std::io::Error::last_os_error())
+                .with_context(|| format!("setting domainname {domain:?}"));
+        }
+    }
+    if let Some(p) = linux.personality() {
+        set_personality(p)?;
+    }
     pivot_root(&rootfs)?;
     // createContainer hooks: in the container's namespaces. Their paths resolve in the
     // container's root (the guest's own root holds nothing but the agent).
@@ -240,6 +250,23 @@ fn time_namespace(linux: &oci_spec::runtime::Linux) -> Result<()> {
         .context("opening the new time namespace")?;
     nix::sched::setns(ns.as_raw_fd(), nix::sched::CloneFlags::empty())
         .context("entering the time namespace")?;
+    Ok(())
+}
+
+/// linux.personality: the execution domain (it lasts across exec). Flags are not defined
+/// by the runtime spec yet; any given are refused rather than ignored.
+fn set_personality(p: &oci_spec::runtime::LinuxPersonality) -> Result<()> {
+    if let Some(flags) = p.flags().as_ref().filter(|f| !f.is_empty()) {
+        bail!("linux.personality.flags {flags:?} are not supported: leave them out");
+    }
+    let domain = match p.domain() {
+        oci_spec::runtime::LinuxPersonalityDomain::PerLinux => 0x0000,
+        oci_spec::runtime::LinuxPersonalityDomain::PerLinux32 => 0x0008,
+    };
+    // SAFETY: personality takes a flag word and touches no memory of ours.
+    if unsafe { libc::personality(domain) } < 0 {
+        return Err(std::io::Error::last_os_error()).context("setting the personality");
+    }
     Ok(())
 }
 

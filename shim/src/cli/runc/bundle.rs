@@ -147,14 +147,19 @@ pub fn guest_spec(b: &Bundle, cid: &str) -> Result<GuestSpec> {
         }
     }
     for (label, value) in [
-        ("process.apparmorProfile", &spec["process"]["apparmorProfile"]),
+        (
+            "process.apparmorProfile",
+            &spec["process"]["apparmorProfile"],
+        ),
         ("process.selinuxLabel", &spec["process"]["selinuxLabel"]),
         ("linux.mountLabel", &spec["linux"]["mountLabel"]),
     ] {
         if let Some(v) = value.as_str().filter(|v| !v.is_empty()) {
             // The guest kernel has no LSM: the VM is the container's boundary. Engines set
             // these whenever the host has AppArmor or SELinux, so this is not an error.
-            tracing::warn!("{label} {v:?} is not applied: Hull's guest kernel has no AppArmor or SELinux");
+            tracing::warn!(
+                "{label} {v:?} is not applied: Hull's guest kernel has no AppArmor or SELinux"
+            );
         }
     }
     inherit_rlimits(&mut spec["process"]);
