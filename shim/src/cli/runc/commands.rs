@@ -342,7 +342,7 @@ fn run(g: &Global, args: &[String]) -> Result<i32> {
     if !p.is_set("keep") {
         if let Ok(state) = s.load() {
             host_cgroup::leave_and_remove(&state.host_cgroups);
-            hooks::run_or_warn(&b.raw, Kind::Poststop, &state_json(&s, &state));
+            hooks::run_or_warn(&b.raw, Kind::Poststop, &poststop_state(&s, &state));
         }
         let _ = std::fs::remove_dir_all(&s.dir);
     }
@@ -385,6 +385,17 @@ fn state_json(s: &Store, state: &State) -> Value {
     v["rootfs"] = json!(state.rootfs);
     v["created"] = json!(state.created);
     v["owner"] = json!("");
+    v
+}
+
+/// What poststop hooks are told, as runc tells them: stopped, and no pid (the caller may
+/// be the monitor itself, still alive).
+fn poststop_state(s: &Store, state: &State) -> Value {
+    let mut v = state_json(s, state);
+    v["status"] = json!("stopped");
+    if let Some(o) = v.as_object_mut() {
+        o.remove("pid");
+    }
     v
 }
 
@@ -517,13 +528,7 @@ fn destroy(s: &Store, state: Option<&State>) -> Result<()> {
         }
     }
     if let (Some(spec), Some(state)) = (&spec, state) {
-        // As runc tells poststop hooks: stopped, and no pid.
-        let mut v = state_json(s, state);
-        v["status"] = json!("stopped");
-        if let Some(o) = v.as_object_mut() {
-            o.remove("pid");
-        }
-        hooks::run_or_warn(spec, Kind::Poststop, &v);
+        hooks::run_or_warn(spec, Kind::Poststop, &poststop_state(s, state));
     }
     // Never delete through a mount.
     if !mounts_under(&s.dir).is_empty() {
