@@ -243,11 +243,14 @@ fn ctr_run_t_gives_a_terminal() {
     let c = Containerd::start("tty");
     let id = format!("tty{}", std::process::id());
     let inner = format!(
-        "stty rows 20 cols 70; timeout 60 ctr {} run -t --rm --runc-binary {} {IMAGE} {id} sh -c 'tty; {WAIT_FOR_SIZE}; stty size; exit 6'",
+        "stty rows 20 cols 70; timeout --foreground 60 ctr {} run -t --rm --runc-binary {} {IMAGE} {id} sh -c 'tty; {WAIT_FOR_SIZE}; stty size; exit 6'",
         c.ctr_args().join(" "),
         hull()
     );
     let o = Command::new("script")
+        // The shell CI has (script runs $SHELL); timeout stays in the foreground so the
+        // engine may set the terminal raw without SIGTTOU stopping it.
+        .env("SHELL", "/bin/sh")
         .args(["-qec", &inner, "/dev/null"])
         .stdin(Stdio::null())
         .output()

@@ -223,12 +223,15 @@ fn podman_run_it_gives_a_terminal() {
         .map(|a| a.to_string_lossy().into_owned())
         .collect::<Vec<_>>();
     let inner = format!(
-        "stty rows 30 cols 100; CONTAINERS_CONF={} timeout {} run -it --rm --pull=never --network none --cidfile {} {IMAGE} sh",
+        "stty rows 30 cols 100; CONTAINERS_CONF={} timeout --foreground {} run -it --rm --pull=never --network none --cidfile {} {IMAGE} sh",
         p.base.join("containers.conf").display(),
         podman.join(" "),
         cidfile.display()
     );
     let mut child = Command::new("script")
+        // The shell CI has (script runs $SHELL); timeout stays in the foreground so the
+        // engine may set the terminal raw without SIGTTOU stopping it.
+        .env("SHELL", "/bin/sh")
         .args(["-qec", &inner, "/dev/null"])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
