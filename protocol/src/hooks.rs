@@ -47,10 +47,14 @@ pub fn run(
         })
     });
     if let Some(mut stdin) = child.stdin.take() {
-        // A hook that does not read its stdin is fine.
-        let _ = stdin.write_all(state);
+        // Written aside, so a hook that never reads its stdin still meets its timeout.
+        let state = state.to_vec();
+        std::thread::spawn(move || {
+            let _ = stdin.write_all(&state);
+        });
     }
-    let deadline = timeout.map(|t| Instant::now() + Duration::from_secs(t as u64));
+    // A timeout too large to add is no timeout.
+    let deadline = timeout.and_then(|t| Instant::now().checked_add(Duration::from_secs(t as u64)));
     let status = loop {
         match child.try_wait() {
             Ok(Some(status)) => break status,

@@ -238,16 +238,33 @@ struct AttachAttr {
 }
 
 fn load(prog: &[Insn]) -> Result<OwnedFd> {
+    // Without a verifier log first (the common case); with one only to explain a refusal.
+    load_with_log(prog, &mut []).or_else(|_| {
+        let mut log = vec![0u8; 64 * 1024];
+        let err = load_with_log(prog, &mut log).err();
+        let text = String::from_utf8_lossy(&log);
+        let text = text.trim_end_matches('\0').trim();
+        match err {
+            Some(e) => bail!("loading the device cgroup program: {e}: {text}"),
+            None => bail!("loading the device cgroup program failed once, then not: retry"),
+        }
+    })
+}
+
+fn load_with_log(prog: &[Insn], log: &mut [u8]) -> std::io::Result<OwnedFd> {
     let license = c"Apache-2.0";
-    let mut log = vec![0u8; 64 * 1024];
     let mut attr = LoadAttr {
         prog_type: BPF_PROG_TYPE_CGROUP_DEVICE,
         insn_cnt: prog.len() as u32,
         insns: prog.as_ptr() as u64,
         license: license.as_ptr() as u64,
-        log_level: 1,
+        log_level: u32::from(!log.is_empty()),
         log_size: log.len() as u32,
-        log_buf: log.as_mut_ptr() as u64,
+        log_buf: if log.is_empty() {
+            0
+        } else {
+            log.as_mut_ptr() as u64
+        },
         expected_attach_type: BPF_CGROUP_DEVICE,
         ..Default::default()
     };
@@ -263,10 +280,7 @@ fn load(prog: &[Insn]) -> Result<OwnedFd> {
         )
     };
     if fd < 0 {
-        let err = std::io::Error::last_os_error();
-        let text = String::from_utf8_lossy(&log);
-        let text = text.trim_end_matches('\0').trim();
-        bail!("loading the device cgroup program: {err}: {text}");
+        return Err(std::io::Error::last_os_error());
     }
     // SAFETY: the kernel just returned this descriptor and nothing else owns it.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })

@@ -74,6 +74,9 @@ fn join_and_fork(ctl: RawFd) -> Result<Option<Result<super::init::Prepared>>> {
         nix::sched::setns(f.as_raw_fd(), nix::sched::CloneFlags::empty())
             .with_context(|| format!("joining the container's {ns} namespace"))?;
     }
+    // Raising a hard limit needs the guest's CAP_SYS_RESOURCE: before the user namespace
+    // (the process inherits them; setting them again inside changes nothing).
+    super::init::set_rlimits(0, &process)?;
     if !same_user {
         nix::sched::setns(user.as_raw_fd(), nix::sched::CloneFlags::CLONE_NEWUSER)
             .context("joining the container's user namespace")?;

@@ -146,11 +146,12 @@ fn setup(ctl: RawFd) -> Result<Prepared> {
     if dev_is_tmpfs {
         mounts::create_devices(&rootfs, linux.devices().as_deref().unwrap_or_default())?;
     }
-    if let Some(hostname) = spec.hostname() {
+    // Empty means unset (as runc has it).
+    if let Some(hostname) = spec.hostname().as_deref().filter(|h| !h.is_empty()) {
         nix::unistd::sethostname(hostname)
             .with_context(|| format!("setting hostname {hostname:?}"))?;
     }
-    if let Some(domain) = spec.domainname() {
+    if let Some(domain) = spec.domainname().as_deref().filter(|d| !d.is_empty()) {
         // SAFETY: setdomainname reads `len` bytes of a live string.
         if unsafe { libc::setdomainname(domain.as_ptr().cast(), domain.len()) } != 0 {
             return Err(std::io::Error::last_os_error())

@@ -125,6 +125,11 @@ fn clone_flags(spec: &Spec) -> Result<libc::c_int> {
     if flags & libc::CLONE_NEWNS == 0 {
         bail!("the spec must ask for a mount namespace: the container's rootfs is built in one");
     }
+    // As runc: naming the host would rename the guest, which every container shares.
+    let named = |n: &Option<String>| n.as_deref().is_some_and(|n| !n.is_empty());
+    if flags & libc::CLONE_NEWUTS == 0 && (named(spec.hostname()) || named(spec.domainname())) {
+        bail!("hostname/domainname need a UTS namespace: add one to linux.namespaces");
+    }
     Ok(flags)
 }
 
@@ -219,10 +224,12 @@ impl Manager {
         let cgroup = cgroup::Cgroup::create(id, resources)?;
         let spawned = open_process_stdio(&stdio).and_then(|(stdio_fds, tty_stream)| {
             let (pid, ours) = spawn_helper(flags, init::ARG, stdio_fds, maps.as_ref())?;
-            if maps.is_some() {
-                init::set_rlimits(pid, process)?;
-            }
-            let result = cgroup.add(pid).and_then(|()| {
+            // In a user namespace the process could not raise its own hard limits.
+            let rlimits = match maps {
+                Some(_) => init::set_rlimits(pid, process),
+                None => Ok(()),
+            };
+            let result = rlimits.and_then(|()| cgroup.add(pid)).and_then(|()| {
                 self.handshake(
                     ours.as_raw_fd(),
                     &[
@@ -584,9 +591,6 @@ fn open_process_stdio(stdio: &StdioPorts) -> Result<([OwnedFd; 3], Option<OwnedF
     }
 }
 
-/// Clones a child (into new namespaces per `flags`) that re-execs hull-agent as `arg`,
-/// with `stdio` on fds 0-2 and the control socket on fd 3. Returns its pid (tracked) and
-/// the agent's end of the control socket.
 /// uid_map and gid_map contents for a container with a user namespace.
 struct IdMaps {
     uid: String,
@@ -618,6 +622,9 @@ fn id_maps(spec: &Spec, flags: libc::c_int) -> Result<Option<IdMaps>> {
     Ok(Some(IdMaps { uid, gid }))
 }
 
+/// Clones a child (into new namespaces per `flags`) that re-execs hull-agent as `arg`,
+/// with `stdio` on fds 0-2 and the control socket on fd 3. Returns its pid (tracked) and
+/// the agent's end of the control socket.
 fn spawn_helper(
     flags: libc::c_int,
     arg: &str,
@@ -661,7 +668,7 @@ fn spawn_helper(
     );
     let pid = reaper::spawn_tracked(|| {
         // SAFETY: a fork-like clone (no CLONE_VM, no new stack). The child runs only
-        // async-signal-safe calls (close, read, dup2, fcntl, execve, _exit) on memory
+        // async-signal-safe calls (close, read, set*id, dup2, fcntl, execve, _exit) on memory
         // prepared above.
         let pid = unsafe {
             libc::syscall(
@@ -684,9 +691,11 @@ fn spawn_helper(
                     }
                     // Become the namespace's root before exec, or exec would drop the
                     // capabilities of an unmapped id.
-                    if libc::setgroups(0, std::ptr::null()) != 0
-                        || libc::setresgid(0, 0, 0) != 0
-                        || libc::setresuid(0, 0, 0) != 0
+                    // Raw system calls: libc's wrappers would signal threads this
+                    // copy of the agent does not have.
+                    if libc::syscall(libc::SYS_setgroups, 0, std::ptr::null::<libc::gid_t>()) != 0
+                        || libc::syscall(libc::SYS_setresgid, 0, 0, 0) != 0
+                        || libc::syscall(libc::SYS_setresuid, 0, 0, 0) != 0
                     {
                         libc::_exit(123);
                     }
@@ -716,14 +725,17 @@ fn spawn_helper(
                 std::fs::write(format!("/proc/{pid}/gid_map"), &maps.gid)
                     .with_context(|| format!("writing gid_map {:?}", maps.gid.trim()))
             });
-        if let Err(e) = written {
-            // Closing the gate unopened ends the child.
-            drop(w);
+        let released = written.and_then(|()| {
+            nix::unistd::write(w.as_raw_fd(), b"1")
+                .map(drop)
+                .context("releasing the container process")
+        });
+        if let Err(e) = released {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
             reaper::wait(pid);
             reaper::forget(pid);
             return Err(e);
         }
-        nix::unistd::write(w.as_raw_fd(), b"1").context("releasing the container process")?;
     }
     Ok((pid, ours))
 }

@@ -326,7 +326,9 @@ pub fn compile(s: &LinuxSeccomp) -> Result<Program> {
             }
             // The container's process is single-threaded when the filter goes in.
             LinuxSeccompFilterFlag::SeccompFilterFlagTsync => 0,
-            LinuxSeccompFilterFlag::SeccompFilterFlagWaitKillableRecv => 1 << 5,
+            // Only meaningful with a notifier (the kernel refuses it without
+            // NEW_LISTENER), and notifiers are refused below: nothing to set.
+            LinuxSeccompFilterFlag::SeccompFilterFlagWaitKillableRecv => 0,
         };
     }
     if s.listener_path().is_some() {

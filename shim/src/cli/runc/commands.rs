@@ -370,7 +370,11 @@ fn start(g: &Global, args: &[String]) -> Result<i32> {
     agent.start_container(&s.id)?;
     state.status = Status::Running;
     s.save(&state)?;
-    hooks::run_or_warn(&s.config()?, Kind::Poststart, &state_json(&s, &state));
+    // The container runs: a bundle that cannot be read now costs its hooks, not the start.
+    match s.config() {
+        Ok(config) => hooks::run_or_warn(&config, Kind::Poststart, &state_json(&s, &state)),
+        Err(e) => tracing::warn!("poststart hooks not run: {e:#}"),
+    }
     Ok(0)
 }
 
@@ -1043,23 +1047,26 @@ fn events(g: &Global, args: &[String]) -> Result<i32> {
     }
     // As runc: an `oom` event for each OOM kill from now on, stats every interval.
     let mut seen = ooms(&stats);
-    let mut next_stats = Instant::now() + interval;
+    let mut next_stats = Instant::now().checked_add(interval);
     loop {
         std::thread::sleep(Duration::from_millis(200).min(interval));
         if s.status(&state) == Status::Stopped {
             return Ok(0);
         }
-        let Ok(stats) = agent.stats(&s.id) else {
-            return Ok(0);
+        let stats = match agent.stats(&s.id) {
+            Ok(stats) => stats,
+            // The container went between the two calls.
+            Err(_) if s.status(&state) == Status::Stopped => return Ok(0),
+            Err(e) => return Err(anyhow::Error::new(e).context("reading the container's stats")),
         };
         let now = ooms(&stats);
         if now > seen {
             println!("{}", json!({"type": "oom", "id": s.id}));
             seen = now;
         }
-        if Instant::now() >= next_stats {
+        if next_stats.is_some_and(|t| Instant::now() >= t) {
             println!("{}", stats_json(&s.id, &stats));
-            next_stats += interval;
+            next_stats = next_stats.and_then(|t| t.checked_add(interval));
         }
         use std::io::Write;
         let _ = std::io::stdout().flush();
