@@ -44,12 +44,14 @@ else
     RUSTFLAGS="-C target-feature=+crt-static" cargo build --release --quiet -p hull-agent --target x86_64-unknown-linux-gnu
     agent=target/x86_64-unknown-linux-gnu/release/hull-agent
 fi
-cargo build --release --quiet -p hull-shim --bin hull
+cargo build --release --quiet -p hull-shim --bin hull --bin containerd-shim-hull-v2
 
 mkdir -p "$lib"
 guest-kernel-config/build-initramfs.sh "$agent" "$lib/initramfs.cpio" >/dev/null
 cp "$kernel" "$lib/vmlinux.tmp" && mv "$lib/vmlinux.tmp" "$lib/vmlinux"
 ln -sf "$root/target/release/hull" /usr/local/bin/hull
+# containerd finds its shims on its PATH.
+ln -sf "$root/target/release/containerd-shim-hull-v2" /usr/local/bin/containerd-shim-hull-v2
 
 say "busybox image"
 if [ ! -f "$lib/images/busybox/busybox-oci.tar" ] || [ tests/images/build-busybox-image.sh -nt "$lib/images/busybox/busybox-oci.tar" ]; then

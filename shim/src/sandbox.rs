@@ -141,6 +141,16 @@ impl Sandbox {
         Ok(sandbox)
     }
 
+    /// `new`, after removing what an owner that died left under the same id.
+    pub fn replacing_stale(config: &Config, spec: SandboxSpec) -> Result<Sandbox, SandboxError> {
+        let stale = config.run_root.join(&spec.id);
+        if stale.exists() {
+            tracing::warn!("removing the stale sandbox {}", stale.display());
+            remove_stale(&stale);
+        }
+        Sandbox::new(config, spec)
+    }
+
     pub fn id(&self) -> &str {
         &self.id
     }
@@ -193,6 +203,38 @@ impl Sandbox {
         })?;
         self.binds.push(target.clone());
         Ok(target)
+    }
+
+    /// Undoes `bind_into_share` (a container of the pod is gone).
+    pub fn unbind(&mut self, target: &Path) {
+        if let Err(e) = nix::mount::umount2(target, nix::mount::MntFlags::MNT_DETACH) {
+            tracing::error!("unmounting {}: {e}", target.display());
+        }
+        self.binds.retain(|t| t != target);
+    }
+
+    /// Makes the share a mount of its own with shared propagation, before the VM boots:
+    /// binds made under it later (a pod's next container) then reach virtiofsd, whose
+    /// sandbox sees the share as a slave.
+    pub fn share_propagates(&mut self) -> Result<(), SandboxError> {
+        let shared = self.shared_dir();
+        nix::mount::mount(
+            Some(&shared),
+            &shared,
+            None::<&str>,
+            nix::mount::MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .map_err(|e| io("bind mounting the share onto itself")(e.into()))?;
+        self.binds.insert(0, shared.clone());
+        nix::mount::mount(
+            None::<&str>,
+            &shared,
+            None::<&str>,
+            nix::mount::MsFlags::MS_SHARED,
+            None::<&str>,
+        )
+        .map_err(|e| io("making the share a shared mount")(e.into()))
     }
 
     /// A fresh host vsock port for a stdio stream, and its listener.
@@ -445,4 +487,54 @@ pub fn mounts_under(dir: &Path) -> Vec<PathBuf> {
         .map(|p| PathBuf::from(p.replace("\\040", " ")))
         .filter(|p| p.starts_with(dir))
         .collect()
+}
+
+/// Processes whose command line names a path under `dir` (the VMM and helpers of that
+/// sandbox: its directory name is unique), so that a recycled pid is never killed.
+pub fn processes_of(dir: &Path) -> Vec<i32> {
+    let mut needle = dir.as_os_str().as_encoded_bytes().to_vec();
+    needle.push(b'/');
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| c.windows(needle.len()).any(|w| w == needle.as_slice()))
+        })
+        .collect()
+}
+
+/// Removes what a dead owner left of the sandbox at `dir`: its VMM and helpers, mounts,
+/// the directory.
+pub fn remove_stale(dir: &Path) {
+    for pid in processes_of(dir) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !processes_of(dir).is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    if !dir.exists() {
+        return;
+    }
+    let mut mounts = mounts_under(dir);
+    mounts.sort_by_key(|m| std::cmp::Reverse(m.as_os_str().len()));
+    for m in mounts {
+        if let Err(e) = nix::mount::umount2(&m, nix::mount::MntFlags::MNT_DETACH) {
+            tracing::error!("unmounting {}: {e}", m.display());
+        }
+    }
+    if mounts_under(dir).is_empty() {
+        if let Err(e) = std::fs::remove_dir_all(dir) {
+            tracing::error!("removing {}: {e}", dir.display());
+        }
+    } else {
+        tracing::error!("not removing {}: still mounted", dir.display());
+    }
 }

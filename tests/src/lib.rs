@@ -4,6 +4,8 @@
 //! The tests boot real microVMs (QEMU microvm with our guest kernel and agent), so they
 //! need the README's set-up (`scripts/setup.sh`, which `scripts/test.sh` runs first).
 
+pub mod containerd;
+
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};

@@ -121,6 +121,34 @@ pub fn listen(vsock: &HybridVsock, first: u32, terminal: bool, stdin: bool) -> R
     Ok(l)
 }
 
+/// The accepted stdio streams of one process, for a relay other than this process's own
+/// stdio (the containerd shim's FIFOs).
+#[derive(Default)]
+pub struct Streams {
+    pub stdin: Option<UnixStream>,
+    pub stdout: Option<UnixStream>,
+    pub stderr: Option<UnixStream>,
+    pub tty: Option<UnixStream>,
+}
+
+impl Listeners {
+    /// Accepts the agent's stdio connections (it made them during create/exec). The
+    /// listening sockets stay until `self` is dropped.
+    pub fn accept(&mut self) -> Result<Streams> {
+        let mut s = Streams::default();
+        for (role, listener) in std::mem::take(&mut self.listeners) {
+            let stream = stdio::accept(&listener).context("accepting a stdio stream")?;
+            match role {
+                Role::In => s.stdin = Some(stream),
+                Role::Out => s.stdout = Some(stream),
+                Role::Err => s.stderr = Some(stream),
+                Role::Tty => s.tty = Some(stream),
+            }
+        }
+        Ok(s)
+    }
+}
+
 impl Drop for Listeners {
     fn drop(&mut self) {
         for p in &self.paths {

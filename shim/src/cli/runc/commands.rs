@@ -133,12 +133,7 @@ fn boot_container(g: &Global, store: &Store, b: &Bundle, console: &Console) -> R
     // A sandbox of an earlier container with this id that was not cleaned up (its state
     // is gone, or create could not have made the state directory): stale.
     let name = sandbox_name(&store.dir);
-    let stale = config.run_root.join(&name);
-    if stale.exists() {
-        tracing::warn!("removing the stale sandbox {}", stale.display());
-        clean_sandbox_dir(&stale);
-    }
-    let mut sandbox = Sandbox::new(
+    let mut sandbox = Sandbox::replacing_stale(
         &config,
         SandboxSpec {
             id: name,
@@ -460,51 +455,9 @@ fn kill(g: &Global, args: &[String]) -> Result<i32> {
     Ok(0)
 }
 
-/// Processes whose command line names a path under `dir` (the VMM and helpers of that
-/// sandbox: its directory name is unique), so that a recycled pid is never killed.
-fn processes_of(dir: &Path) -> Vec<i32> {
-    let mut needle = dir.as_os_str().as_encoded_bytes().to_vec();
-    needle.push(b'/');
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    entries
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
-        .filter(|pid| {
-            std::fs::read(format!("/proc/{pid}/cmdline"))
-                .is_ok_and(|c| c.windows(needle.len()).any(|w| w == needle.as_slice()))
-        })
-        .collect()
-}
-
 /// Removes what a dead monitor left: its VMM and helpers, mounts, the sandbox directory.
 fn clean_sandbox(state: &State) {
-    clean_sandbox_dir(&state.sandbox_dir);
-}
-
-fn clean_sandbox_dir(dir: &Path) {
-    for pid in processes_of(dir) {
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL);
-    }
-    wait_until(Duration::from_secs(5), || processes_of(dir).is_empty());
-    if !dir.exists() {
-        return;
-    }
-    let mut mounts = mounts_under(dir);
-    mounts.sort_by_key(|m| std::cmp::Reverse(m.as_os_str().len()));
-    for m in mounts {
-        if let Err(e) = nix::mount::umount2(&m, nix::mount::MntFlags::MNT_DETACH) {
-            tracing::error!("unmounting {}: {e}", m.display());
-        }
-    }
-    if mounts_under(dir).is_empty() {
-        if let Err(e) = std::fs::remove_dir_all(dir) {
-            tracing::error!("removing {}: {e}", dir.display());
-        }
-    } else {
-        tracing::error!("not removing {}: still mounted", dir.display());
-    }
+    crate::sandbox::remove_stale(&state.sandbox_dir);
 }
 
 /// Kills what is left of a container (its init, then its monitor and VM if they do not

@@ -3,9 +3,9 @@
 //! microVM; a monitor process on the host stands for the container's init (see
 //! `monitor`), and `<root>/<id>/` keeps its state between calls (see `state`).
 
-mod bundle;
+pub(crate) mod bundle;
 mod commands;
-mod hooks;
+pub(crate) mod hooks;
 mod host_cgroup;
 pub mod state;
 
