@@ -11,7 +11,8 @@ say() { echo "setup: $*" >&2; }
 
 packages=(linux-source-6.1 build-essential bc flex bison libelf-dev libssl-dev cpio file
           qemu-system-x86 busybox-static runc libcap-ng-dev libseccomp-dev pkg-config xz-utils
-          podman conmon crun catatonit containernetworking-plugins containerd python3)
+          podman conmon crun catatonit containernetworking-plugins containerd python3
+          protobuf-compiler)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f '${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
@@ -54,7 +55,7 @@ ln -sf "$root/target/release/hull" /usr/local/bin/hull
 ln -sf "$root/target/release/containerd-shim-hull-v2" /usr/local/bin/containerd-shim-hull-v2
 
 say "busybox image"
-if [ ! -f "$lib/images/busybox/busybox-oci.tar" ] || [ tests/images/build-busybox-image.sh -nt "$lib/images/busybox/busybox-oci.tar" ]; then
+if [ ! -f "$lib/images/busybox/pause-oci.tar" ] || [ tests/images/build-busybox-image.sh -nt "$lib/images/busybox/busybox-oci.tar" ]; then
     tests/images/build-busybox-image.sh "$lib/images/busybox" >/dev/null
 fi
 say "ready: kernel $lib/vmlinux, initramfs $lib/initramfs.cpio, image $lib/images/busybox/oci"

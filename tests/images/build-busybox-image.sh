@@ -4,6 +4,8 @@
 #   $1/rootfs/            a rootfs directory
 #   $1/oci/               the same rootfs as an OCI image layout (one tar+gzip layer)
 #   $1/busybox-oci.tar    a tar of oci/'s contents (oci-layout, index.json, blobs/ at top level)
+#   $1/pause-oci.tar      the same layer as an image whose command sleeps forever (a pod's
+#                         sandbox container for the CRI tests, as Kubernetes' pause image)
 # Output is deterministic (sorted tar, fixed mtimes, numeric owners, gzip -n).
 # Run as root so that home/hull can be owned by 1000:1000.
 set -euo pipefail
@@ -97,12 +99,28 @@ printf '%s' '{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+
 tar --numeric-owner --owner=0 --group=0 --sort=name --format=gnu --mtime="@$EPOCH" \
     -C "$oci" -cf "$work/busybox-oci.tar" oci-layout index.json blobs
 
+# --- the pause image: same layer, a command that waits ------------------------
+pause=$work/pause
+mkdir -p "$pause/blobs/sha256"
+cp "$blobs/$layer_hex" "$pause/blobs/sha256/"
+blobs_main=$blobs
+blobs=$pause/blobs/sha256
+printf '%s' '{"architecture":"amd64","os":"linux","config":{"Env":["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],"Cmd":["sleep","2147483647"],"WorkingDir":"/"},"rootfs":{"type":"layers","diff_ids":["sha256:'"$diff_id"'"]},"history":[{"created_by":"tests/images/build-busybox-image.sh"}]}' > "$work/pause-config.json"
+read -r pconfig_hex pconfig_size < <(add_blob "$work/pause-config.json")
+printf '%s' '{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:'"$pconfig_hex"'","size":'"$pconfig_size"'},"layers":[{"mediaType":"application/vnd.oci.image.layer.v1.tar+gzip","digest":"sha256:'"$layer_hex"'","size":'"$layer_size"'}]}' > "$work/pause-manifest.json"
+read -r pmanifest_hex pmanifest_size < <(add_blob "$work/pause-manifest.json")
+blobs=$blobs_main
+printf '%s' '{"imageLayoutVersion":"1.0.0"}' > "$pause/oci-layout"
+printf '%s' '{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json","manifests":[{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"sha256:'"$pmanifest_hex"'","size":'"$pmanifest_size"',"platform":{"architecture":"amd64","os":"linux"},"annotations":{"org.opencontainers.image.ref.name":"latest"}}]}' > "$pause/index.json"
+tar --numeric-owner --owner=0 --group=0 --sort=name --format=gnu --mtime="@$EPOCH" \
+    -C "$pause" -cf "$work/pause-oci.tar" oci-layout index.json blobs
+
 # --- swap into place -----------------------------------------------------------
-for name in rootfs oci busybox-oci.tar; do
+for name in rootfs oci busybox-oci.tar pause-oci.tar; do
     if [[ -e $out/$name ]]; then
         mv "$out/$name" "$work/old-$name"
     fi
     mv "$work/$name" "$out/$name"
 done
 
-echo "built $out/rootfs, $out/oci (manifest sha256:$manifest_hex) and $out/busybox-oci.tar"
+echo "built $out/rootfs, $out/oci (manifest sha256:$manifest_hex), $out/busybox-oci.tar and $out/pause-oci.tar"

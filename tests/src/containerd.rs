@@ -18,10 +18,24 @@ pub struct Containerd {
     child: Child,
     state: PathBuf,
     socket: PathBuf,
+    /// Where `ctr` works: `hull-test`, or CRI's `k8s.io`.
+    namespace: &'static str,
 }
 
 impl Containerd {
+    /// containerd with its CRI plugin off: `ctr` in namespace `hull-test`.
     pub fn start(name: &str) -> Containerd {
+        Containerd::start_config(name, false)
+    }
+
+    /// containerd with its CRI plugin on (the kubelet's API, on the same socket), a
+    /// RuntimeClass handler `hull` for Hull's shim, the project's busybox and pause images
+    /// in CRI's namespace `k8s.io`, and no CNI plugins (pods use the host network).
+    pub fn start_with_cri(name: &str) -> Containerd {
+        Containerd::start_config(name, true)
+    }
+
+    fn start_config(name: &str, cri: bool) -> Containerd {
         let root = PathBuf::from(format!("/var/tmp/hull-containerd-test/{name}"));
         let state = PathBuf::from(format!("/run/hull-ctd-{name}"));
         // What an earlier, interrupted run left (a rootfs its shim mounted in a bundle).
@@ -33,12 +47,31 @@ impl Containerd {
         std::fs::create_dir_all(&state).unwrap();
         let socket = state.join("containerd.sock");
         let config = state.join("config.toml");
+        let plugins = if cri {
+            let cni = state.join("cni");
+            format!(
+                "[plugins.\"io.containerd.grpc.v1.cri\"]\n\
+                 \x20 sandbox_image = \"localhost/pause:latest\"\n\
+                 \x20 stream_server_address = \"127.0.0.1\"\n\
+                 \x20 stream_server_port = \"0\"\n\
+                 [plugins.\"io.containerd.grpc.v1.cri\".containerd]\n\
+                 \x20 default_runtime_name = \"hull\"\n\
+                 [plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.hull]\n\
+                 \x20 runtime_type = \"io.containerd.hull.v2\"\n\
+                 [plugins.\"io.containerd.grpc.v1.cri\".cni]\n\
+                 \x20 bin_dir = \"{}/bin\"\n\
+                 \x20 conf_dir = \"{}/conf\"\n",
+                cni.display(),
+                cni.display()
+            )
+        } else {
+            "disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n".to_string()
+        };
         std::fs::write(
             &config,
             format!(
                 "version = 2\nroot = \"{}\"\nstate = \"{}\"\n\
-                 disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n\
-                 [grpc]\n  address = \"{}\"\n",
+                 [grpc]\n  address = \"{}\"\n{plugins}",
                 root.display(),
                 state.display(),
                 socket.display()
@@ -67,20 +100,31 @@ impl Containerd {
             child,
             state,
             socket,
+            namespace: if cri { "k8s.io" } else { NAMESPACE },
         };
         assert!(
             eventually(30, || c.ctr(&["version"]).status.success()),
             "containerd did not come up"
         );
-        let tar = busybox().join("busybox-oci.tar");
-        let o = c.ctr(&[
-            "images",
-            "import",
-            "--base-name",
-            "localhost/busybox",
-            tar.to_str().unwrap(),
-        ]);
-        assert!(o.status.success(), "ctr images import: {o:?}");
+        let images: &[(&str, &str)] = if cri {
+            &[
+                ("busybox-oci.tar", "localhost/busybox"),
+                ("pause-oci.tar", "localhost/pause"),
+            ]
+        } else {
+            &[("busybox-oci.tar", "localhost/busybox")]
+        };
+        for (file, name) in images {
+            let tar = busybox().join(file);
+            let o = c.ctr(&[
+                "images",
+                "import",
+                "--base-name",
+                name,
+                tar.to_str().unwrap(),
+            ]);
+            assert!(o.status.success(), "ctr images import: {o:?}");
+        }
         c
     }
 
@@ -89,7 +133,7 @@ impl Containerd {
             "-a".into(),
             self.socket.display().to_string(),
             "-n".into(),
-            NAMESPACE.into(),
+            self.namespace.into(),
         ]
     }
 
@@ -122,7 +166,7 @@ impl Containerd {
         let tasks = self
             .state
             .join("io.containerd.runtime.v2.task")
-            .join(NAMESPACE);
+            .join(self.namespace);
         for e in std::fs::read_dir(tasks).into_iter().flatten().flatten() {
             let log = e.path().join("log.json");
             d += &format!("--- {}\n{}\n", log.display(), tail(&log, 40));
@@ -149,6 +193,10 @@ impl Containerd {
         d
     }
 
+    pub fn state_dir(&self) -> &Path {
+        &self.state
+    }
+
     pub fn socket(&self) -> &Path {
         &self.socket
     }
@@ -158,7 +206,7 @@ impl Containerd {
     pub fn bundle_dir(&self, id: &str) -> PathBuf {
         self.state
             .join("io.containerd.runtime.v2.task")
-            .join(NAMESPACE)
+            .join(self.namespace)
             .join(id)
     }
 

@@ -294,7 +294,8 @@ impl Shim {
         {
             bail!("the request's terminal and the spec's process.terminal disagree");
         }
-        let guest = bundle::guest_spec(&b, &req.id)?;
+        let mut guest = bundle::guest_spec(&b, &req.id)?;
+        private_uts(&mut guest.spec);
         let mut pod = lock(&self.pod);
         let kind = b
             .spec
@@ -481,6 +482,19 @@ impl Shim {
             crate::cli::runc::hooks::Kind::Poststop,
             &state,
         );
+    }
+}
+
+/// CRI names a host-network pod's containers after the node but gives them no UTS
+/// namespace (the host's). In a VM "the host's" would be the pod VM's, shared by all its
+/// containers: each gets a UTS namespace of its own with that name instead.
+fn private_uts(spec: &mut Value) {
+    let named = spec["hostname"].as_str().is_some_and(|h| !h.is_empty());
+    let Some(namespaces) = spec["linux"]["namespaces"].as_array_mut() else {
+        return;
+    };
+    if named && !namespaces.iter().any(|n| n["type"] == "uts") {
+        namespaces.push(serde_json::json!({"type": "uts"}));
     }
 }
 
