@@ -6,8 +6,9 @@ use std::sync::{Arc, Mutex};
 use anyhow::{Context, Result};
 use hull_protocol::agent::{
     ContainerRequest, CreateContainerRequest, CreateContainerResponse, Empty, ExecProcessRequest,
-    ListProcessesResponse, ProcessInfo, ProcessRequest, ResizePtyRequest, SignalProcessRequest,
-    StatsResponse, UpdateContainerRequest, VersionResponse, WaitProcessResponse,
+    ExecProcessResponse, ListProcessesResponse, ProcessInfo, ProcessRequest, ResizePtyRequest,
+    SignalProcessRequest, StatsResponse, UpdateContainerRequest, VersionResponse,
+    WaitProcessResponse,
 };
 use hull_protocol::agent_ttrpc::{create_agent, Agent};
 use hull_protocol::{AGENT_PORT, PROTOCOL_VERSION};
@@ -91,8 +92,13 @@ impl Agent for Service {
         Ok(Empty::new())
     }
 
-    fn exec_process(&self, _ctx: &TtrpcContext, req: ExecProcessRequest) -> ttrpc::Result<Empty> {
-        self.manager
+    fn exec_process(
+        &self,
+        _ctx: &TtrpcContext,
+        req: ExecProcessRequest,
+    ) -> ttrpc::Result<ExecProcessResponse> {
+        let pid = self
+            .manager
             .exec(
                 &req.container_id,
                 &req.exec_id,
@@ -100,7 +106,10 @@ impl Agent for Service {
                 stdio_ports(req.stdio.as_ref()),
             )
             .map_err(failed)?;
-        Ok(Empty::new())
+        Ok(ExecProcessResponse {
+            pid: pid as u32,
+            ..Default::default()
+        })
     }
 
     fn signal_process(

@@ -102,14 +102,15 @@ impl AgentClient {
             .map_err(|e| call_error("start", e))
     }
 
-    /// Starts `process` (the OCI process object, JSON) in running container `id`.
+    /// Starts `process` (the OCI process object, JSON) in running container `id`; returns
+    /// its guest pid.
     pub fn exec(
         &self,
         id: &str,
         exec_id: &str,
         process: Vec<u8>,
         stdio: Stdio,
-    ) -> Result<(), AgentError> {
+    ) -> Result<u32, AgentError> {
         let req = ExecProcessRequest {
             container_id: id.to_string(),
             exec_id: exec_id.to_string(),
@@ -119,7 +120,7 @@ impl AgentClient {
         };
         self.inner
             .exec_process(ctx(Some(CALL_TIMEOUT)), &req)
-            .map(|_| ())
+            .map(|r| r.pid)
             .map_err(|e| call_error("exec", e))
     }
 

@@ -169,6 +169,11 @@ impl Sandbox {
         self.dir.join("shared")
     }
 
+    /// The VMM's pid, once started.
+    pub fn vmm_pid(&self) -> Option<u32> {
+        self.vmm.pid()
+    }
+
     pub fn describe_backend(&self) -> String {
         self.vmm.describe()
     }

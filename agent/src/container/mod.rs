@@ -273,7 +273,7 @@ impl Manager {
         exec_id: &str,
         process_json: &[u8],
         stdio: StdioPorts,
-    ) -> Result<()> {
+    ) -> Result<i32> {
         check_id(exec_id)?;
         let c = self.get(id)?;
         if reaper::try_exit(c.init.pid).is_some() {
@@ -343,7 +343,7 @@ impl Manager {
             (Some(_), Err(e)) => eprintln!("hull-agent: cannot watch exec {pid}: {e}"),
             _ => {}
         }
-        Ok(())
+        Ok(pid)
     }
 
     /// Sends the helper its messages and waits until the process is ready (or failed).

@@ -54,8 +54,9 @@ fn open_out(p: &str) -> Option<File> {
         }
         OpenOptions::new().create(true).append(true).open(&path)
     } else {
-        // Blocks until containerd has the reading end open (it opened it before asking).
-        OpenOptions::new().write(true).open(&path)
+        // Read-write: never blocks, and the FIFO keeps a reader (ours, unused) when
+        // containerd's goes (a restart), so output waits for it instead of being lost.
+        OpenOptions::new().read(true).write(true).open(&path)
     };
     r.map_err(|e| tracing::warn!("opening {}: {e}", path.display()))
         .ok()

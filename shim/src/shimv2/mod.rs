@@ -216,9 +216,12 @@ fn delete(a: &Args) -> Result<()> {
     };
     rootfs::unmount(&bundle.join("rootfs"));
     let group = group_of(&bundle, &a.id);
-    if group == a.id {
+    let socket = socket_path(&a.address, &a.namespace, &group);
+    // containerd runs `delete` whenever a shim connection closes; a pod's shim that still
+    // answers owns its sandbox.
+    if group == a.id && UnixStream::connect(&socket).is_err() {
         service::clean_stale_sandbox(&a.namespace, &group);
-        let _ = std::fs::remove_file(socket_path(&a.address, &a.namespace, &group));
+        let _ = std::fs::remove_file(&socket);
     }
     let mut r = DeleteResponse::new();
     // As containerd's own shims report a container whose shim died: killed.

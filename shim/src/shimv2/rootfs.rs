@@ -76,9 +76,8 @@ pub fn mount_all(mounts: &[Mount], target: &Path) -> Result<()> {
             }
         });
         if let Err(e) = r {
-            for _ in 0..i {
-                unmount(target);
-            }
+            // This one may be half made (mounted, not remounted read-only).
+            unmount(target);
             return Err(e).with_context(|| {
                 format!(
                     "mounting the rootfs ({} {} on {})",

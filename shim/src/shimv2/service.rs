@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
@@ -57,6 +58,8 @@ struct Proc {
     pid: Mutex<u32>,
     phase: Mutex<Phase>,
     changed: Condvar,
+    /// Held while the process is being started.
+    starting: Mutex<()>,
     relay: Mutex<Option<Relay>>,
     listeners: Mutex<Option<monitor::Listeners>>,
 }
@@ -70,6 +73,7 @@ impl Proc {
             pid: Mutex::new(0),
             phase: Mutex::new(Phase::Created),
             changed: Condvar::new(),
+            starting: Mutex::new(()),
             relay: Mutex::new(None),
             listeners: Mutex::new(None),
         }
@@ -133,8 +137,17 @@ pub struct Shim {
     group: String,
     config: Config,
     publisher: Publisher,
+    /// Held while the VM boots and containers are added or removed (share binds).
     pod: Mutex<Option<Pod>>,
+    /// The pod's agent and VMM pid, readable without waiting for `pod`.
+    agent: Mutex<Option<AgentClient>>,
+    vmm_pid: AtomicU32,
     tasks: Mutex<HashMap<String, Arc<Task>>>,
+    /// Creates under way: the VM stays, and the shim does not exit, while any runs.
+    creating: AtomicUsize,
+    /// Shutdown has begun: no new containers.
+    closing: AtomicBool,
+    socket: PathBuf,
     exit: Mutex<std::sync::mpsc::Sender<()>>,
 }
 
@@ -196,16 +209,31 @@ impl Shim {
     }
 
     fn agent(&self) -> ttrpc::Result<AgentClient> {
-        lock(&self.pod)
-            .as_ref()
-            .map(|p| p.agent.clone())
+        lock(&self.agent)
+            .clone()
             .ok_or_else(|| precondition("the pod's VM is not running"))
     }
 
+    /// Whether the VMM runs: our child, so its pid stays ours (a zombie) until reaped.
     fn vm_alive(&self) -> bool {
-        lock(&self.pod)
-            .as_mut()
-            .is_some_and(|p| !p.sandbox.vmm_exited())
+        let pid = self.vmm_pid.load(Ordering::Relaxed);
+        pid != 0
+            && std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                .and_then(|s| s.rsplit_once(')').map(|(_, r)| r.trim_start().to_string()))
+                .is_some_and(|r| !r.starts_with('Z') && !r.starts_with('X'))
+    }
+
+    /// Tears the pod's VM down (taken out of `pod`).
+    fn stop_vm(&self, pod: Pod) {
+        *lock(&self.agent) = None;
+        self.vmm_pid.store(0, Ordering::Relaxed);
+        pod.sandbox.shutdown();
+    }
+
+    /// Whether the pod has no container left, nor one being created (besides `own`).
+    fn empty(&self, own: usize) -> bool {
+        lock(&self.tasks).is_empty() && self.creating.load(Ordering::SeqCst) <= own
     }
 
     /// Boots the pod's VM, sized for `spec` (the pod's first container).
@@ -225,6 +253,9 @@ impl Shim {
         sandbox.share_propagates()?;
         sandbox.boot()?;
         let agent = sandbox.agent()?.clone();
+        *lock(&self.agent) = Some(agent.clone());
+        self.vmm_pid
+            .store(sandbox.vmm_pid().unwrap_or(0), Ordering::Relaxed);
         Ok(Pod { sandbox, agent })
     }
 
@@ -357,10 +388,10 @@ impl Shim {
                 for t in binds.iter().rev() {
                     p.sandbox.unbind(t);
                 }
-                if lock(&self.tasks).is_empty() {
+                if self.empty(1) {
                     // The VM was for this container alone.
                     if let Some(p) = pod.take() {
-                        p.sandbox.shutdown();
+                        self.stop_vm(p);
                     }
                 }
                 Err(e)
@@ -380,6 +411,11 @@ impl Shim {
                 ProcessExit::Code(c) => c as u32,
                 ProcessExit::Signal(s) => 128 + s,
             };
+            let _started = lock(&proc_.starting);
+            if matches!(proc_.phase(), Phase::Stopped { .. }) {
+                // Ended already (its container was deleted): reported then.
+                return;
+            }
             let at = proc_.finish(code);
             let mut e = TaskExit::new();
             e.container_id = task.id.clone();
@@ -432,12 +468,13 @@ impl Shim {
             p.io.terminal,
             !p.io.stdin.is_empty(),
         )?;
-        agent.exec(
+        let pid = agent.exec(
             &task.id,
             &p.exec_id,
             p.spec.clone(),
             listeners.stdio.clone(),
         )?;
+        *lock(&p.pid) = pid;
         let relay = listeners.accept().and_then(|s| Relay::start(&p.io, s));
         match relay {
             Ok(r) => {
@@ -454,27 +491,28 @@ impl Shim {
 
     /// Removes the container from the pod; the VM goes with the pod's last container.
     fn remove(&self, task: &Task) {
-        let mut pod = lock(&self.pod);
-        if let Some(p) = pod.as_mut() {
-            if let Err(e) = p.agent.remove_container(&task.id) {
-                tracing::debug!("removing {} in the guest: {e}", task.id);
+        let vm = {
+            let mut pod = lock(&self.pod);
+            if let Some(p) = pod.as_mut() {
+                if let Err(e) = p.agent.remove_container(&task.id) {
+                    tracing::debug!("removing {} in the guest: {e}", task.id);
+                }
+                for t in task.binds.iter().rev() {
+                    p.sandbox.unbind(t);
+                }
             }
-            for t in task.binds.iter().rev() {
-                p.sandbox.unbind(t);
+            lock(&self.tasks).remove(&task.id);
+            if self.empty(0) {
+                pod.take()
+            } else {
+                None
             }
-        }
+        };
         if let Some(r) = &task.rootfs_mounted {
             rootfs::unmount(r);
         }
-        let last = {
-            let mut tasks = lock(&self.tasks);
-            tasks.remove(&task.id);
-            tasks.is_empty()
-        };
-        if last {
-            if let Some(p) = pod.take() {
-                p.sandbox.shutdown();
-            }
+        if let Some(p) = vm {
+            self.stop_vm(p);
         }
         let state = json_state(&task.id, "stopped", 0, &task.bundle, &task.raw_spec);
         crate::cli::runc::hooks::run_or_warn(
@@ -589,14 +627,32 @@ impl TaskService for Service {
         _: &TtrpcContext,
         req: api::CreateTaskRequest,
     ) -> ttrpc::Result<api::CreateTaskResponse> {
+        if self.0.closing.load(Ordering::SeqCst) {
+            return Err(precondition("this shim is shutting down"));
+        }
         if lock(&self.0.tasks).contains_key(&req.id) {
             return Err(status(
                 Code::ALREADY_EXISTS,
                 format!("container {:?} already exists", req.id),
             ));
         }
-        let (task, pid) = self.0.create_task(&req).map_err(failed)?;
-        lock(&self.0.tasks).insert(req.id.clone(), task);
+        self.0.creating.fetch_add(1, Ordering::SeqCst);
+        let created = self.0.create_task(&req).and_then(|(task, pid)| {
+            let mut tasks = lock(&self.0.tasks);
+            if tasks.contains_key(&req.id) {
+                drop(tasks);
+                self.0.remove(&task);
+                bail!("container {:?} already exists", req.id);
+            }
+            tasks.insert(req.id.clone(), task.clone());
+            Ok((task, pid))
+        });
+        self.0.creating.fetch_sub(1, Ordering::SeqCst);
+        let (task, pid) = created.map_err(failed)?;
+        // From now on: a created init that is killed before start ends too.
+        if let Ok(agent) = self.0.agent() {
+            self.0.watch(task.clone(), task.init.clone(), agent);
+        }
         let mut e = TaskCreate::new();
         e.container_id = req.id.clone();
         e.bundle = req.bundle.clone();
@@ -625,17 +681,23 @@ impl TaskService for Service {
         }
         let agent = self.0.agent()?;
         if req.exec_id.is_empty() {
+            // The exit watcher waits for this, so that TaskStart precedes TaskExit.
+            let _starting = lock(&p.starting);
             agent
                 .start_container(&req.id)
                 .map_err(|e| failed(e.into()))?;
-            *lock(&p.phase) = Phase::Running;
+            {
+                let mut phase = lock(&p.phase);
+                if *phase == Phase::Created {
+                    *phase = Phase::Running;
+                }
+            }
             let state = json_state(&req.id, "running", p.pid(), &task.bundle, &task.raw_spec);
             crate::cli::runc::hooks::run_or_warn(
                 &task.raw_spec,
                 crate::cli::runc::hooks::Kind::Poststart,
                 &state,
             );
-            self.0.watch(task.clone(), p.clone(), agent.clone());
             self.0.watch_oom(task.clone(), agent);
             let mut e = TaskStart::new();
             e.container_id = req.id.clone();
@@ -648,12 +710,12 @@ impl TaskService for Service {
                 return Err(failed(e));
             }
             *lock(&p.phase) = Phase::Running;
-            self.0.watch(task.clone(), p.clone(), agent);
             let mut e = TaskExecStarted::new();
             e.container_id = req.id.clone();
             e.exec_id = req.exec_id.clone();
             e.pid = p.pid();
             self.0.publisher.publish(Event::ExecStarted(e));
+            self.0.watch(task.clone(), p.clone(), agent);
         }
         let mut r = api::StartResponse::new();
         r.pid = p.pid();
@@ -754,11 +816,20 @@ impl TaskService for Service {
     fn kill(&self, _: &TtrpcContext, req: api::KillRequest) -> ttrpc::Result<Empty> {
         let task = self.0.task(&req.id)?;
         let p = task.process(&req.exec_id)?;
-        if matches!(p.phase(), Phase::Stopped { .. }) && !req.all {
-            return Err(not_found(format!(
-                "process {:?} of {:?} has already finished",
-                req.exec_id, req.id
-            )));
+        match p.phase() {
+            Phase::Stopped { .. } if !req.all => {
+                return Err(not_found(format!(
+                    "process {:?} of {:?} has already finished",
+                    req.exec_id, req.id
+                )))
+            }
+            Phase::Created if !req.exec_id.is_empty() => {
+                return Err(precondition(format!(
+                    "exec {:?} of {:?} has not started",
+                    req.exec_id, req.id
+                )))
+            }
+            _ => {}
         }
         let signal = i32::try_from(req.signal)
             .ok()
@@ -922,8 +993,11 @@ impl TaskService for Service {
     }
 
     fn shutdown(&self, _: &TtrpcContext, _: api::ShutdownRequest) -> ttrpc::Result<Empty> {
-        // The pod's shim stays while any of its containers does.
-        if lock(&self.0.tasks).is_empty() {
+        // The pod's shim stays while any of its containers does (or is being created).
+        if self.0.empty(0) {
+            // From here on, `start` of a new container finds no shim and starts its own.
+            self.0.closing.store(true, Ordering::SeqCst);
+            let _ = std::fs::remove_file(&self.0.socket);
             let _ = lock(&self.0.exit).send(());
         }
         Ok(Empty::new())
@@ -974,7 +1048,12 @@ pub fn serve(a: &Args) -> Result<()> {
         config,
         publisher: Publisher::new(ttrpc_address, a.namespace.clone()),
         pod: Mutex::new(None),
+        agent: Mutex::new(None),
+        vmm_pid: AtomicU32::new(0),
         tasks: Mutex::new(HashMap::new()),
+        creating: AtomicUsize::new(0),
+        closing: AtomicBool::new(false),
+        socket: socket.clone(),
         exit: Mutex::new(tx),
     });
     let mut methods = create_task(Arc::new(Service(shim.clone())));
@@ -1001,7 +1080,6 @@ pub fn serve(a: &Args) -> Result<()> {
     server.start().context("starting the ttrpc server")?;
     let _ = rx.recv();
     shim.publisher.flush(Duration::from_secs(5));
-    let _ = std::fs::remove_file(&socket);
     // Let the Shutdown reply go out; handlers still blocked (a Wait on a process of a
     // container already deleted) end with the process.
     std::thread::sleep(Duration::from_millis(20));
