@@ -238,7 +238,7 @@ impl Shim {
 
     /// Boots the pod's VM, sized for `spec` (the pod's first container).
     fn boot(&self, spec: &oci_spec::runtime::Spec) -> Result<Pod> {
-        let (vcpus, memory_mib) = bundle::vm_size(spec, &self.config);
+        let (vcpus, memory_mib) = pod_size(spec, &self.config);
         let config = sandbox_config(&self.config);
         let name = sandbox_name(&self.namespace, &self.group);
         let mut sandbox = Sandbox::replacing_stale(
@@ -534,6 +534,31 @@ fn private_uts(spec: &mut Value) {
     if named && !namespaces.iter().any(|n| n["type"] == "uts") {
         namespaces.push(serde_json::json!({"type": "uts"}));
     }
+}
+
+/// The pod's VM size: from the sandbox container's resources, raised to the pod's
+/// limits where CRI passes them (containerd 1.7's `io.kubernetes.cri.sandbox-*`
+/// annotations: the sum of the pod's container limits). A VM cannot grow later.
+fn pod_size(spec: &oci_spec::runtime::Spec, config: &Config) -> (u32, u64) {
+    let (vcpus, memory_mib) = bundle::vm_size(spec, config);
+    let annotations = spec.annotations().clone().unwrap_or_default();
+    let number = |k: &str| {
+        annotations
+            .get(&format!("io.kubernetes.cri.sandbox-{k}"))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .filter(|v| *v > 0)
+    };
+    let host_cpus = std::thread::available_parallelism()
+        .map(|n| n.get() as u32)
+        .unwrap_or(1);
+    let pod_vcpus = match (number("cpu-quota"), number("cpu-period")) {
+        (Some(q), p) => q.div_ceil(p.unwrap_or(100_000)).min(u64::from(host_cpus)) as u32,
+        _ => 0,
+    };
+    let pod_memory = number("memory")
+        .map(|b| b.div_ceil(1 << 20).saturating_add(bundle::VM_OVERHEAD_MIB))
+        .unwrap_or(0);
+    (vcpus.max(pod_vcpus), memory_mib.max(pod_memory))
 }
 
 /// The runtime spec's state, as hooks read it.
@@ -1106,5 +1131,48 @@ fn init_logging(debug: bool) {
             .with_ansi(false)
             .with_writer(Mutex::new(f))
             .try_init();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pod_is_sized_from_cris_sandbox_annotations() {
+        let config = Config::default();
+        let spec = |ann: serde_json::Value| -> oci_spec::runtime::Spec {
+            serde_json::from_value(serde_json::json!({
+                "ociVersion": "1.0.2", "annotations": ann,
+                "process": {"args": ["pause"], "cwd": "/", "user": {"uid": 0, "gid": 0}},
+                "root": {"path": "rootfs"}
+            }))
+            .unwrap()
+        };
+        let (v, m) = pod_size(&spec(serde_json::json!({})), &config);
+        assert_eq!((v, m), (config.default_vcpus, config.default_memory_mib));
+        let (_, m) = pod_size(
+            &spec(serde_json::json!({"io.kubernetes.cri.sandbox-memory": "1073741824"})),
+            &config,
+        );
+        assert_eq!(m, 1024 + bundle::VM_OVERHEAD_MIB);
+        let (v, _) = pod_size(
+            &spec(serde_json::json!({
+                "io.kubernetes.cri.sandbox-cpu-quota": "50000",
+                "io.kubernetes.cri.sandbox-cpu-period": "100000",
+                "io.kubernetes.cri.sandbox-memory": "garbage"})),
+            &config,
+        );
+        assert_eq!(v, 1);
+        assert!(
+            pod_size(
+                &spec(serde_json::json!({"io.kubernetes.cri.sandbox-cpu-quota": "99999999999"})),
+                &config
+            )
+            .0 <= std::thread::available_parallelism()
+                .map(|n| n.get() as u32)
+                .unwrap_or(1)
+                .max(config.default_vcpus)
+        );
     }
 }
