@@ -142,15 +142,14 @@ impl Cgroup {
         let dir = ensure_parent()?.join(id);
         std::fs::create_dir(&dir).with_context(|| format!("creating cgroup {}", dir.display()))?;
         let cg = Cgroup { dir };
-        if let Some(r) = resources {
-            let applied = cg.apply(r).and_then(|()| match r.devices() {
-                Some(rules) => super::devices::apply(&cg.dir, rules),
-                None => Ok(()),
-            });
-            if let Err(e) = applied {
-                cg.remove();
-                return Err(e);
-            }
+        // Devices are filtered even without rules (runc's always-allowed ones pass).
+        let applied = resources.map_or(Ok(()), |r| cg.apply(r)).and_then(|()| {
+            let rules = resources.and_then(|r| r.devices().as_deref());
+            super::devices::apply(&cg.dir, rules.unwrap_or_default())
+        });
+        if let Err(e) = applied {
+            cg.remove();
+            return Err(e);
         }
         Ok(cg)
     }

@@ -5,7 +5,8 @@
 //! Semantics (runc's): a rule for all devices with all access (`a *:* rwm`) resets the
 //! default to its verdict and drops the rules before it; otherwise the last rule that
 //! matches a request (type, major, minor, and every requested access bit among its own)
-//! decides, and the default decides when none does. No rules at all allows everything.
+//! decides, and the default decides when none does. The default is to deny: with no
+//! rules, only runc's always-allowed devices (runc's emulator starts from deny on cgroup v2).
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::Path;
@@ -118,7 +119,7 @@ fn parse(d: &LinuxDeviceCgroup) -> Result<Rule> {
 
 /// The default verdict and the rules that can override it, in order.
 pub fn effective(spec: &[LinuxDeviceCgroup]) -> Result<(bool, Vec<Rule>)> {
-    let mut default = true;
+    let mut default = false;
     let mut rules = Vec::new();
     let parsed = spec.iter().map(parse).collect::<Result<Vec<_>>>()?;
     for r in parsed.into_iter().chain(always_allowed()) {
@@ -379,15 +380,15 @@ mod tests {
     }
 
     #[test]
-    fn no_rules_or_allow_all_allow_everything() {
-        for spec in [
-            "[]",
-            r#"[{"allow": false}, {"allow": true, "access": "rwm"}]"#,
-        ] {
-            let (default, list) = effective(&rules(spec)).unwrap();
-            assert!(default, "{spec}");
-            assert!(verdict(&program(default, &list), DEV_BLOCK, ACC_ALL, 8, 0));
-        }
+    fn no_rules_allow_runcs_defaults_only_and_allow_all_allows_everything() {
+        let (default, list) = effective(&rules("[]")).unwrap();
+        let p = program(default, &list);
+        assert!(!verdict(&p, DEV_BLOCK, ACC_READ, 8, 0));
+        assert!(verdict(&p, DEV_CHAR, ACC_READ | ACC_WRITE, 1, 3));
+        let spec = r#"[{"allow": false}, {"allow": true, "access": "rwm"}]"#;
+        let (default, list) = effective(&rules(spec)).unwrap();
+        assert!(default, "{spec}");
+        assert!(verdict(&program(default, &list), DEV_BLOCK, ACC_ALL, 8, 0));
     }
 
     #[test]
