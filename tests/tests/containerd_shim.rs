@@ -327,3 +327,55 @@ fn a_missing_program_is_named_and_leaves_nothing() {
     assert_no_trace(&pod.display().to_string());
     assert_no_trace(&c.bundle_dir(&id).display().to_string());
 }
+
+#[test]
+fn an_oom_kill_is_published_as_a_task_oom_event() {
+    let c = Containerd::start("hoom");
+    let id = format!("hoom{}", std::process::id());
+    let o = c.ctr(&run_args(
+        &["-d", "--memory-limit", "67108864"],
+        &id,
+        &["sleep", "100"],
+    ));
+    assert!(o.status.success(), "{o:?}\n{}", c.diagnostics());
+    let trace = shim_trace(&c, &id);
+    let log = c.state_dir().join("events.log");
+    let mut events = Command::new("ctr")
+        .args(c.ctr_args())
+        .arg("events")
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .expect("running ctr events");
+    // A 100 MiB buffer in a 64 MiB container: the guest's OOM killer ends dd.
+    let o = c.ctr(&[
+        "task",
+        "exec",
+        "--exec-id",
+        "hog",
+        &id,
+        "sh",
+        "-c",
+        "dd if=/dev/zero of=/dev/null bs=100M count=1 2>/dev/null; echo $?",
+    ]);
+    assert_eq!(out(&o), "137\n", "{o:?}\n{}", c.diagnostics());
+    let seen = eventually(20, || {
+        std::fs::read_to_string(&log).is_ok_and(|t| {
+            t.lines()
+                .any(|l| l.contains("/tasks/oom") && l.contains(id.as_str()))
+        })
+    });
+    let _ = events.kill();
+    let _ = events.wait();
+    assert!(
+        seen,
+        "no /tasks/oom event for {id}:\n{}\n{}",
+        std::fs::read_to_string(&log).unwrap_or_default(),
+        c.diagnostics()
+    );
+    assert!(c.ctr(&["task", "kill", "-s", "KILL", &id]).status.success());
+    assert!(eventually(20, || c.task_status(&id) == "STOPPED"));
+    assert!(c.ctr(&["task", "delete", &id]).status.success());
+    assert!(c.ctr(&["containers", "rm", &id]).status.success());
+    assert_all_gone(&c, &trace);
+}
