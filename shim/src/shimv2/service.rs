@@ -1083,19 +1083,12 @@ pub fn serve(a: &Args) -> Result<()> {
     });
     let mut methods = create_task(Arc::new(Service(shim.clone())));
     // containerd 1.6 and 1.7 call the Task service as containerd.task.v2 (2.x as v3);
-    // the messages are the same.
-    let v2: Vec<_> = methods
-        .keys()
-        .filter(|k| k.contains(".task.v3."))
-        .cloned()
+    // the messages are the same: a second set of handlers under the v2 names.
+    let v2: Vec<_> = create_task(Arc::new(Service(shim.clone())))
+        .into_iter()
+        .map(|(k, h)| (k.replace(".task.v3.", ".task.v2."), h))
         .collect();
-    for k in v2 {
-        let v2_key = k.replace(".task.v3.", ".task.v2.");
-        let again = create_task(Arc::new(Service(shim.clone())));
-        if let Some((_, h)) = again.into_iter().find(|(key, _)| *key == k) {
-            methods.insert(v2_key, h);
-        }
-    }
+    methods.extend(v2);
     let _ = std::fs::remove_file(&socket);
     let mut server = ttrpc::Server::new()
         .bind(&format!("unix://{}", socket.display()))
