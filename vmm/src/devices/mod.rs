@@ -1,0 +1,4 @@
+//! Device models and the buses the vCPU threads dispatch port and MMIO exits through.
+
+pub mod bus;
+pub mod legacy;
