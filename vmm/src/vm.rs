@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use kvm_bindings::{
     kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
 };
-use kvm_ioctls::{Kvm, VmFd};
+use kvm_ioctls::{IoEventAddress, Kvm, VmFd};
 use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
@@ -20,6 +20,9 @@ use crate::arch::{boot, cpu, layout, mptable};
 use crate::config::VmConfig;
 use crate::devices::bus::{lock, Bus};
 use crate::devices::legacy::{ResetPort, SerialPort};
+use crate::devices::virtio::mmio::{MmioTransport, NOTIFY_OFFSET};
+use crate::devices::virtio::vsock::Vsock;
+use crate::devices::virtio::{Interrupt, VirtioDevice};
 use crate::memory::{self, GuestMemory};
 use crate::vcpu::{install_kick_handler, ExitLatch, ExitReason, VcpuContext, VcpuThread};
 
@@ -50,6 +53,11 @@ pub enum VmError {
         what: &'static str,
         source: std::io::Error,
     },
+    #[error("cannot create the vsock socket {path}: {source}")]
+    Vsock {
+        path: String,
+        source: std::io::Error,
+    },
     #[error(transparent)]
     Bus(#[from] crate::devices::bus::Overlap),
 }
@@ -76,6 +84,39 @@ pub struct Vm {
     serial: Arc<Mutex<ConsolePort>>,
     reset: EventFd,
     signals: SignalFd,
+}
+
+/// Puts a virtio device on the MMIO bus at `base`: its interrupt an irqfd on `irq`, its
+/// queue notifications KVM ioeventfds (so a kick costs no exit to the VMM).
+fn add_virtio_device(
+    vm: &VmFd,
+    mem: &GuestMemory,
+    mmio: &mut Bus,
+    device: Box<dyn VirtioDevice>,
+    base: u64,
+    irq: u32,
+) -> Result<(), VmError> {
+    let irq_evt = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)
+        .map_err(io("creating a virtio interrupt"))?;
+    vm.register_irqfd(&irq_evt, irq)
+        .map_err(kvm_op("register a virtio interrupt"))?;
+    let interrupt = Arc::new(Interrupt::new(irq_evt));
+    let transport =
+        MmioTransport::new(device, mem.clone(), interrupt).map_err(io("creating virtio queues"))?;
+    for (index, event) in transport.queue_events().iter().enumerate() {
+        vm.register_ioevent(
+            event,
+            &IoEventAddress::Mmio(base + NOTIFY_OFFSET),
+            index as u32,
+        )
+        .map_err(kvm_op("register a virtio queue notification"))?;
+    }
+    mmio.insert(
+        Arc::new(Mutex::new(transport)),
+        base,
+        layout::VIRTIO_MMIO_SIZE,
+    )?;
+    Ok(())
 }
 
 /// Called right before the boot vCPU's first KVM_RUN (benchmarks hook in here).
@@ -150,9 +191,26 @@ impl Vm {
             0x60,
             5,
         )?;
-        let mmio = Bus::new();
+        let mut mmio = Bus::new();
+        let mut cmdline = config.cmdline.clone();
+        let mut virtio: Vec<Box<dyn VirtioDevice>> = Vec::new();
+        if let Some(vsock) = &config.vsock {
+            let device = Vsock::new(vsock.cid, &vsock.uds).map_err(|source| VmError::Vsock {
+                path: vsock.uds.display().to_string(),
+                source,
+            })?;
+            virtio.push(Box::new(device));
+        }
+        for (i, device) in virtio.into_iter().enumerate() {
+            let base = layout::VIRTIO_MMIO_BASE + i as u64 * layout::VIRTIO_MMIO_SIZE;
+            let irq = layout::VIRTIO_IRQ_BASE + i as u32;
+            add_virtio_device(&vm, &mem, &mut mmio, device, base, irq)?;
+            cmdline.push_str(&format!(
+                " virtio_mmio.device={}K@{base:#x}:{irq}",
+                layout::VIRTIO_MMIO_SIZE >> 10
+            ));
+        }
 
-        let cmdline = config.cmdline.clone();
         let info = boot::load(&mem, &config.kernel, config.initramfs.as_deref(), &cmdline)?;
         mptable::write(&mem, config.vcpus).map_err(VmError::MpTable)?;
         cpu::write_boot_tables(&mem)?;

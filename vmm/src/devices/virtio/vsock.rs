@@ -1,0 +1,904 @@
+//! virtio-vsock with Firecracker's hybrid host side: every vsock port on the host is a
+//! Unix socket, so the host needs no vhost-vsock module.
+//!
+//! - Host to guest: connect to `uds`, write `CONNECT <port>\n`; once the guest accepts,
+//!   the VMM answers `OK <host port>\n` and the stream carries the connection's bytes.
+//! - Guest to host: a guest connection to CID 2 port P is connected to `<uds>_P`.
+//!
+//! One worker thread per device runs an epoll loop over the queues' notify events, the
+//! listener and every connection's stream. Everything from the guest is checked: a
+//! malformed descriptor chain is returned unused, a packet with a bad header or for an
+//! unknown connection is answered with RST, and a guest that overruns the credit it was
+//! given loses that connection.
+
+use std::collections::{HashMap, VecDeque};
+use std::io::{ErrorKind, Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use virtio_queue::{Queue, QueueT};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::{read_config_bytes, ActivateError, Interrupt, VirtioDevice, DEVICE_ID_VSOCK};
+use crate::memory::GuestMemory;
+
+pub const HOST_CID: u64 = 2;
+pub const HEADER_LEN: usize = 44;
+/// Largest payload accepted in one packet (Linux sends at most 64 KiB).
+pub const MAX_PAYLOAD: u32 = 64 * 1024;
+/// The receive buffer each connection advertises to the guest (bytes in flight towards a
+/// host stream that has not taken them yet).
+pub const BUF_ALLOC: u32 = 256 * 1024;
+const MAX_CONNECTIONS: usize = 1024;
+const MAX_PENDING_HOST: usize = 64;
+const MAX_CONNECT_LINE: usize = 32;
+const QUEUE_SIZE: u16 = 256;
+
+pub const TYPE_STREAM: u16 = 1;
+pub const OP_REQUEST: u16 = 1;
+pub const OP_RESPONSE: u16 = 2;
+pub const OP_RST: u16 = 3;
+pub const OP_SHUTDOWN: u16 = 4;
+pub const OP_RW: u16 = 5;
+pub const OP_CREDIT_UPDATE: u16 = 6;
+pub const OP_CREDIT_REQUEST: u16 = 7;
+pub const SHUTDOWN_RCV: u32 = 1;
+pub const SHUTDOWN_SEND: u32 = 2;
+
+/// `struct virtio_vsock_hdr`, little-endian on the wire.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Header {
+    pub src_cid: u64,
+    pub dst_cid: u64,
+    pub src_port: u32,
+    pub dst_port: u32,
+    pub len: u32,
+    pub kind: u16,
+    pub op: u16,
+    pub flags: u32,
+    pub buf_alloc: u32,
+    pub fwd_cnt: u32,
+}
+
+impl Header {
+    pub fn parse(b: &[u8; HEADER_LEN]) -> Self {
+        let u64_at = |i: usize| u64::from_le_bytes(b[i..i + 8].try_into().unwrap_or_default());
+        let u32_at = |i: usize| u32::from_le_bytes(b[i..i + 4].try_into().unwrap_or_default());
+        let u16_at = |i: usize| u16::from_le_bytes(b[i..i + 2].try_into().unwrap_or_default());
+        Self {
+            src_cid: u64_at(0),
+            dst_cid: u64_at(8),
+            src_port: u32_at(16),
+            dst_port: u32_at(20),
+            len: u32_at(24),
+            kind: u16_at(28),
+            op: u16_at(30),
+            flags: u32_at(32),
+            buf_alloc: u32_at(36),
+            fwd_cnt: u32_at(40),
+        }
+    }
+
+    pub fn bytes(&self) -> [u8; HEADER_LEN] {
+        let mut b = [0u8; HEADER_LEN];
+        b[0..8].copy_from_slice(&self.src_cid.to_le_bytes());
+        b[8..16].copy_from_slice(&self.dst_cid.to_le_bytes());
+        b[16..20].copy_from_slice(&self.src_port.to_le_bytes());
+        b[20..24].copy_from_slice(&self.dst_port.to_le_bytes());
+        b[24..28].copy_from_slice(&self.len.to_le_bytes());
+        b[28..30].copy_from_slice(&self.kind.to_le_bytes());
+        b[30..32].copy_from_slice(&self.op.to_le_bytes());
+        b[32..36].copy_from_slice(&self.flags.to_le_bytes());
+        b[36..40].copy_from_slice(&self.buf_alloc.to_le_bytes());
+        b[40..44].copy_from_slice(&self.fwd_cnt.to_le_bytes());
+        b
+    }
+}
+
+/// The virtio-vsock device model.
+pub struct Vsock {
+    cid: u64,
+    uds: PathBuf,
+    config: [u8; 8],
+    listener: Option<UnixListener>,
+    worker: Option<(JoinHandle<UnixListener>, EventFd)>,
+}
+
+impl Vsock {
+    /// Binds the host socket `uds` now, so host connections queue up before the guest's
+    /// driver is ready. A stale socket at that path is replaced; anything else there is
+    /// an error.
+    pub fn new(cid: u64, uds: &Path) -> std::io::Result<Self> {
+        use std::os::unix::fs::FileTypeExt;
+        if let Ok(meta) = std::fs::symlink_metadata(uds) {
+            if !meta.file_type().is_socket() {
+                return Err(std::io::Error::new(
+                    ErrorKind::AlreadyExists,
+                    format!("{} exists and is not a socket", uds.display()),
+                ));
+            }
+            std::fs::remove_file(uds)?;
+        }
+        let listener = UnixListener::bind(uds)?;
+        listener.set_nonblocking(true)?;
+        Ok(Self {
+            cid,
+            uds: uds.to_owned(),
+            config: cid.to_le_bytes(),
+            listener: Some(listener),
+            worker: None,
+        })
+    }
+
+    fn stop_worker(&mut self) {
+        if let Some((handle, stop)) = self.worker.take() {
+            let _ = stop.write(1);
+            match handle.join() {
+                Ok(listener) => self.listener = Some(listener),
+                Err(_) => tracing::error!("the vsock worker panicked"),
+            }
+        }
+    }
+}
+
+impl Drop for Vsock {
+    fn drop(&mut self) {
+        self.stop_worker();
+        let _ = std::fs::remove_file(&self.uds);
+    }
+}
+
+impl VirtioDevice for Vsock {
+    fn device_type(&self) -> u32 {
+        DEVICE_ID_VSOCK
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE; 3]
+    }
+
+    fn features(&self) -> u64 {
+        0
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        read_config_bytes(&self.config, offset, data)
+    }
+
+    fn activate(
+        &mut self,
+        mem: GuestMemory,
+        queues: Vec<(Queue, EventFd)>,
+        interrupt: Arc<Interrupt>,
+    ) -> Result<(), ActivateError> {
+        let got = queues.len();
+        let [(rx, rx_evt), (tx, tx_evt), (_, ev_evt)]: [(Queue, EventFd); 3] = queues
+            .try_into()
+            .map_err(|_| ActivateError::Queues { got, want: 3 })?;
+        let listener = self
+            .listener
+            .take()
+            .ok_or_else(|| std::io::Error::other("the vsock device is already running"))?;
+        let stop = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?;
+        let worker = Worker::new(
+            mem,
+            rx,
+            tx,
+            interrupt,
+            [rx_evt, tx_evt, ev_evt, stop.try_clone()?],
+            self.cid,
+            self.uds.clone(),
+            listener,
+        )?;
+        let handle = std::thread::Builder::new()
+            .name("vsock".into())
+            .spawn(move || worker.run())?;
+        self.worker = Some((handle, stop));
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        self.stop_worker();
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct ConnKey {
+    host_port: u32,
+    guest_port: u32,
+}
+
+struct Conn {
+    stream: UnixStream,
+    /// The guest accepted (or opened) it; until then a host-initiated one waits.
+    established: bool,
+    peer_buf_alloc: u32,
+    peer_fwd_cnt: u32,
+    /// Bytes sent to the guest.
+    tx_cnt: u32,
+    /// Bytes from the guest handed to the host stream.
+    fwd_cnt: u32,
+    last_fwd_cnt_sent: u32,
+    /// Guest bytes the host stream has not taken yet (bounded by BUF_ALLOC).
+    to_host: Vec<u8>,
+    /// Host bytes read before the guest accepted (after the CONNECT line).
+    to_guest: Vec<u8>,
+    guest_shut_send: bool,
+    guest_shut_rcv: bool,
+    host_eof: bool,
+    /// The epoll interest now registered for the stream (empty: not registered).
+    interest: EventSet,
+}
+
+impl Conn {
+    fn new(stream: UnixStream, established: bool, peer: Option<&Header>) -> Self {
+        Self {
+            stream,
+            established,
+            peer_buf_alloc: peer.map_or(0, |h| h.buf_alloc),
+            peer_fwd_cnt: peer.map_or(0, |h| h.fwd_cnt),
+            tx_cnt: 0,
+            fwd_cnt: 0,
+            last_fwd_cnt_sent: 0,
+            to_host: Vec::new(),
+            to_guest: Vec::new(),
+            guest_shut_send: false,
+            guest_shut_rcv: false,
+            host_eof: false,
+            interest: EventSet::empty(),
+        }
+    }
+
+    /// How many bytes the guest can take now.
+    fn peer_credit(&self) -> u32 {
+        let in_flight = self.tx_cnt.wrapping_sub(self.peer_fwd_cnt);
+        self.peer_buf_alloc.saturating_sub(in_flight)
+    }
+}
+
+enum Slot {
+    /// A host connection that has not sent its `CONNECT <port>\n` line yet.
+    Pending(UnixStream, Vec<u8>),
+    Conn(ConnKey),
+}
+
+const TOKEN_STOP: u64 = 0;
+const TOKEN_RX: u64 = 1;
+const TOKEN_TX: u64 = 2;
+const TOKEN_EVENT: u64 = 3;
+const TOKEN_LISTENER: u64 = 4;
+const TOKEN_FD_BASE: u64 = 16;
+
+struct Worker {
+    mem: GuestMemory,
+    rx: Queue,
+    tx: Queue,
+    interrupt: Arc<Interrupt>,
+    events: [EventFd; 4],
+    cid: u64,
+    uds: PathBuf,
+    listener: UnixListener,
+    epoll: Epoll,
+    conns: HashMap<ConnKey, Conn>,
+    slots: HashMap<RawFd, Slot>,
+    /// Packets without payload for the guest: (connection, op, flags).
+    control: VecDeque<(ConnKey, u16, u32)>,
+    /// Connections whose stream may have bytes for the guest.
+    ready: VecDeque<ConnKey>,
+    next_host_port: u32,
+    used: bool,
+    scratch: Vec<u8>,
+}
+
+impl Worker {
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        mem: GuestMemory,
+        rx: Queue,
+        tx: Queue,
+        interrupt: Arc<Interrupt>,
+        events: [EventFd; 4],
+        cid: u64,
+        uds: PathBuf,
+        listener: UnixListener,
+    ) -> std::io::Result<Self> {
+        let epoll = Epoll::new()?;
+        for (token, fd) in [
+            (TOKEN_RX, events[0].as_raw_fd()),
+            (TOKEN_TX, events[1].as_raw_fd()),
+            (TOKEN_EVENT, events[2].as_raw_fd()),
+            (TOKEN_STOP, events[3].as_raw_fd()),
+            (TOKEN_LISTENER, listener.as_raw_fd()),
+        ] {
+            epoll.ctl(
+                ControlOperation::Add,
+                fd,
+                EpollEvent::new(EventSet::IN, token),
+            )?;
+        }
+        Ok(Self {
+            mem,
+            rx,
+            tx,
+            interrupt,
+            events,
+            cid,
+            uds,
+            listener,
+            epoll,
+            conns: HashMap::new(),
+            slots: HashMap::new(),
+            control: VecDeque::new(),
+            ready: VecDeque::new(),
+            next_host_port: 1 << 30,
+            used: false,
+            scratch: vec![0; MAX_PAYLOAD as usize],
+        })
+    }
+
+    /// The event loop; returns the listener when told to stop (the device may start
+    /// again after a driver reset).
+    fn run(mut self) -> UnixListener {
+        // Buffers or packets the driver queued before DRIVER_OK.
+        self.process_tx();
+        self.flush_rx();
+        self.notify();
+        let mut events = vec![EpollEvent::default(); 64];
+        loop {
+            let n = match self.epoll.wait(-1, &mut events) {
+                Ok(n) => n,
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    tracing::error!("vsock: epoll failed: {e}");
+                    return self.listener;
+                }
+            };
+            for event in &events[..n] {
+                let set = EventSet::from_bits_truncate(event.events());
+                match event.data() {
+                    TOKEN_STOP => return self.listener,
+                    TOKEN_RX => {
+                        let _ = self.events[0].read();
+                    }
+                    TOKEN_TX => {
+                        let _ = self.events[1].read();
+                        self.process_tx();
+                    }
+                    TOKEN_EVENT => {
+                        let _ = self.events[2].read();
+                    }
+                    TOKEN_LISTENER => self.accept(),
+                    token => self.stream_event((token - TOKEN_FD_BASE) as RawFd, set),
+                }
+            }
+            self.flush_rx();
+            self.notify();
+        }
+    }
+
+    fn notify(&mut self) {
+        if std::mem::take(&mut self.used) {
+            self.interrupt.signal_used();
+        }
+    }
+
+    fn watch(&self, fd: RawFd, op: ControlOperation, set: EventSet) {
+        let event = EpollEvent::new(set, TOKEN_FD_BASE + fd as u64);
+        if let Err(e) = self.epoll.ctl(op, fd, event) {
+            tracing::warn!("vsock: epoll_ctl on fd {fd}: {e}");
+        }
+    }
+
+    /// Registers exactly `want` for a connection's stream.
+    fn set_interest(&mut self, key: ConnKey, want: EventSet) {
+        let Some(conn) = self.conns.get_mut(&key) else {
+            return;
+        };
+        if conn.interest == want {
+            return;
+        }
+        let fd = conn.stream.as_raw_fd();
+        let op = match (conn.interest.is_empty(), want.is_empty()) {
+            (true, _) => ControlOperation::Add,
+            (false, true) => ControlOperation::Delete,
+            (false, false) => ControlOperation::Modify,
+        };
+        conn.interest = want;
+        self.watch(fd, op, want);
+    }
+
+    /// What a connection's stream should be watched for now: readable when its bytes
+    /// could go to the guest (and it is not already queued to be read), writable when
+    /// guest bytes are waiting; a connection waiting for the guest's answer is watched
+    /// for hang-up only.
+    fn rearm(&mut self, key: ConnKey) {
+        let Some(conn) = self.conns.get(&key) else {
+            return;
+        };
+        let mut want = EventSet::empty();
+        let can_read = conn.established
+            && !conn.host_eof
+            && !conn.guest_shut_rcv
+            && conn.peer_credit() > 0
+            && !self.ready.contains(&key);
+        if can_read || !conn.established {
+            want |= EventSet::IN;
+        }
+        if !conn.to_host.is_empty() {
+            want |= EventSet::OUT;
+        }
+        self.set_interest(key, want);
+    }
+
+    fn accept(&mut self) {
+        loop {
+            match self.listener.accept() {
+                Ok((stream, _)) => {
+                    let pending = self
+                        .slots
+                        .values()
+                        .filter(|s| matches!(s, Slot::Pending(..)))
+                        .count();
+                    if pending >= MAX_PENDING_HOST || stream.set_nonblocking(true).is_err() {
+                        tracing::warn!("vsock: too many host connections waiting to CONNECT");
+                        continue;
+                    }
+                    let fd = stream.as_raw_fd();
+                    self.watch(fd, ControlOperation::Add, EventSet::IN);
+                    self.slots.insert(fd, Slot::Pending(stream, Vec::new()));
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    tracing::warn!("vsock: accept on {}: {e}", self.uds.display());
+                    return;
+                }
+            }
+        }
+    }
+
+    fn stream_event(&mut self, fd: RawFd, set: EventSet) {
+        match self.slots.get(&fd) {
+            Some(Slot::Pending(..)) => self.read_connect_line(fd),
+            Some(Slot::Conn(key)) => {
+                let key = *key;
+                let Some(conn) = self.conns.get(&key) else {
+                    return;
+                };
+                if !conn.established {
+                    // The host gave up before the guest answered.
+                    if set.intersects(EventSet::HANG_UP | EventSet::ERROR | EventSet::IN) {
+                        self.reset_conn(key);
+                    }
+                    return;
+                }
+                if set.contains(EventSet::OUT) {
+                    self.write_to_host(key);
+                }
+                if set.intersects(EventSet::IN | EventSet::HANG_UP | EventSet::ERROR)
+                    && !self.ready.contains(&key)
+                {
+                    self.ready.push_back(key);
+                }
+                self.rearm(key);
+            }
+            None => {}
+        }
+    }
+
+    /// Reads a pending host connection's `CONNECT <port>\n` and asks the guest.
+    fn read_connect_line(&mut self, fd: RawFd) {
+        let Some(Slot::Pending(stream, line)) = self.slots.get_mut(&fd) else {
+            return;
+        };
+        let mut buf = [0u8; MAX_CONNECT_LINE];
+        let n = match stream.read(&mut buf) {
+            Ok(0) => 0,
+            Ok(n) => n,
+            Err(e) if e.kind() == ErrorKind::WouldBlock => return,
+            Err(_) => 0,
+        };
+        line.extend_from_slice(&buf[..n]);
+        let newline = line.iter().position(|b| *b == b'\n');
+        let port = newline.and_then(|i| parse_connect(&line[..i]));
+        if n != 0 && newline.is_none() && line.len() < MAX_CONNECT_LINE {
+            return; // more to come
+        }
+        let Some(Slot::Pending(stream, line)) = self.slots.remove(&fd) else {
+            return;
+        };
+        self.watch(fd, ControlOperation::Delete, EventSet::empty());
+        let (Some(port), Some(newline)) = (port, newline) else {
+            tracing::warn!("vsock: host connection without a valid `CONNECT <port>` line: closed");
+            return;
+        };
+        if self.conns.len() >= MAX_CONNECTIONS {
+            tracing::warn!("vsock: too many connections; refused host connection to port {port}");
+            return;
+        }
+        let key = ConnKey {
+            host_port: self.allocate_host_port(),
+            guest_port: port,
+        };
+        let mut conn = Conn::new(stream, false, None);
+        conn.to_guest = line[newline + 1..].to_vec();
+        self.conns.insert(key, conn);
+        self.slots.insert(fd, Slot::Conn(key));
+        self.control.push_back((key, OP_REQUEST, 0));
+        self.rearm(key);
+    }
+
+    fn allocate_host_port(&mut self) -> u32 {
+        loop {
+            let port = self.next_host_port;
+            self.next_host_port = self.next_host_port.wrapping_add(1).max(1 << 30);
+            if !self.conns.keys().any(|k| k.host_port == port) {
+                return port;
+            }
+        }
+    }
+
+    /// Takes every packet the guest queued on tx.
+    fn process_tx(&mut self) {
+        while let Some(chain) = self.tx.pop_descriptor_chain(&self.mem) {
+            let head = chain.head_index();
+            let packet = chain
+                .reader(&self.mem)
+                .map_err(|e| format!("bad descriptor chain: {e:?}"))
+                .and_then(|mut reader| read_packet(&mut reader, &mut self.scratch));
+            if let Err(e) = self.tx.add_used(&self.mem, head, 0) {
+                tracing::warn!("vsock: returning a tx buffer: {e:?}");
+            }
+            self.used = true;
+            match packet {
+                Ok((header, len)) => self.handle_packet(header, len),
+                Err(why) => tracing::warn!("vsock: dropped a malformed tx packet: {why}"),
+            }
+        }
+    }
+
+    fn handle_packet(&mut self, h: Header, len: usize) {
+        if h.src_cid != self.cid || h.dst_cid != HOST_CID {
+            tracing::warn!(
+                "vsock: dropped a packet from cid {} to cid {} (guest is {}, host is {HOST_CID})",
+                h.src_cid,
+                h.dst_cid,
+                self.cid
+            );
+            return;
+        }
+        let key = ConnKey {
+            host_port: h.dst_port,
+            guest_port: h.src_port,
+        };
+        if h.kind != TYPE_STREAM {
+            if h.op != OP_RST {
+                self.control.push_back((key, OP_RST, 0));
+            }
+            return;
+        }
+        if h.op == OP_REQUEST {
+            self.connect_to_host(key, &h);
+            return;
+        }
+        let Some(conn) = self.conns.get_mut(&key) else {
+            if h.op != OP_RST {
+                self.control.push_back((key, OP_RST, 0));
+            }
+            return;
+        };
+        conn.peer_buf_alloc = h.buf_alloc;
+        conn.peer_fwd_cnt = h.fwd_cnt;
+        match h.op {
+            OP_RESPONSE if !conn.established => {
+                conn.established = true;
+                let ok = format!("OK {}\n", key.host_port);
+                // A few bytes on a fresh stream: queued behind nothing.
+                conn.to_host.extend_from_slice(ok.as_bytes());
+                if !conn.to_guest.is_empty() {
+                    self.ready.push_back(key);
+                }
+                self.write_to_host(key);
+            }
+            OP_RW if conn.established && !conn.guest_shut_send => {
+                if conn.to_host.len() + len > BUF_ALLOC as usize {
+                    tracing::warn!(
+                        "vsock: guest overran its credit on port {}: reset",
+                        key.guest_port
+                    );
+                    self.reset_conn(key);
+                    return;
+                }
+                conn.to_host.extend_from_slice(&self.scratch[..len]);
+                self.write_to_host(key);
+            }
+            OP_CREDIT_UPDATE => {}
+            OP_CREDIT_REQUEST => self.control.push_back((key, OP_CREDIT_UPDATE, 0)),
+            OP_SHUTDOWN if conn.established => {
+                conn.guest_shut_send |= h.flags & SHUTDOWN_SEND != 0;
+                conn.guest_shut_rcv |= h.flags & SHUTDOWN_RCV != 0;
+                if conn.guest_shut_send && conn.guest_shut_rcv {
+                    self.reset_conn(key);
+                    return;
+                }
+                if conn.guest_shut_send && conn.to_host.is_empty() {
+                    let _ = conn.stream.shutdown(std::net::Shutdown::Write);
+                }
+            }
+            OP_RST => {
+                self.remove_conn(key);
+                return;
+            }
+            _ => {
+                self.reset_conn(key);
+                return;
+            }
+        }
+        self.rearm(key);
+    }
+
+    /// The guest opens a connection to host port `key.host_port`: `<uds>_<port>`.
+    fn connect_to_host(&mut self, key: ConnKey, h: &Header) {
+        if self.conns.contains_key(&key) || self.conns.len() >= MAX_CONNECTIONS {
+            self.control.push_back((key, OP_RST, 0));
+            return;
+        }
+        let path = format!("{}_{}", self.uds.display(), key.host_port);
+        match connect_nonblocking(&path) {
+            Ok(stream) => {
+                let fd = stream.as_raw_fd();
+                self.conns.insert(key, Conn::new(stream, true, Some(h)));
+                self.slots.insert(fd, Slot::Conn(key));
+                self.control.push_back((key, OP_RESPONSE, 0));
+                self.rearm(key);
+            }
+            Err(e) => {
+                tracing::debug!("vsock: guest connection to {path}: {e}");
+                self.control.push_back((key, OP_RST, 0));
+            }
+        }
+    }
+
+    /// Writes what the host stream takes of the guest's bytes; counts them as forwarded.
+    fn write_to_host(&mut self, key: ConnKey) {
+        let Some(conn) = self.conns.get_mut(&key) else {
+            return;
+        };
+        while !conn.to_host.is_empty() {
+            match conn.stream.write(&conn.to_host) {
+                Ok(0) => break,
+                Ok(n) => {
+                    conn.to_host.drain(..n);
+                    if conn.established {
+                        conn.fwd_cnt = conn.fwd_cnt.wrapping_add(n as u32);
+                    }
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(_) => {
+                    self.reset_conn(key);
+                    return;
+                }
+            }
+        }
+        // The `OK` line is not guest data: it was not counted, and is never more than
+        // the first bytes, so counting from here on is exact.
+        if conn.to_host.is_empty() && conn.guest_shut_send {
+            let _ = conn.stream.shutdown(std::net::Shutdown::Write);
+        }
+        if conn.fwd_cnt.wrapping_sub(conn.last_fwd_cnt_sent) >= BUF_ALLOC / 4 {
+            self.control.push_back((key, OP_CREDIT_UPDATE, 0));
+        }
+        self.rearm(key);
+    }
+
+    fn remove_conn(&mut self, key: ConnKey) {
+        self.set_interest(key, EventSet::empty());
+        if let Some(conn) = self.conns.remove(&key) {
+            self.slots.remove(&conn.stream.as_raw_fd());
+        }
+        self.ready.retain(|k| *k != key);
+    }
+
+    /// Drops the connection and tells the guest.
+    fn reset_conn(&mut self, key: ConnKey) {
+        self.remove_conn(key);
+        self.control.push_back((key, OP_RST, 0));
+    }
+
+    fn header_for(&mut self, key: ConnKey, op: u16, flags: u32, len: u32) -> Header {
+        let fwd_cnt = match self.conns.get_mut(&key) {
+            Some(conn) => {
+                conn.last_fwd_cnt_sent = conn.fwd_cnt;
+                conn.fwd_cnt
+            }
+            None => 0,
+        };
+        Header {
+            src_cid: HOST_CID,
+            dst_cid: self.cid,
+            src_port: key.host_port,
+            dst_port: key.guest_port,
+            len,
+            kind: TYPE_STREAM,
+            op,
+            flags,
+            buf_alloc: BUF_ALLOC,
+            fwd_cnt,
+        }
+    }
+
+    /// Fills the guest's rx buffers: control packets first, then bytes from streams.
+    fn flush_rx(&mut self) {
+        // A handle of our own (an Arc clone), so chains do not borrow `self`.
+        let mem = self.mem.clone();
+        while !self.control.is_empty() || !self.ready.is_empty() {
+            let Some(chain) = self.rx.pop_descriptor_chain(&mem) else {
+                return; // starved: the guest's rx notify brings us back
+            };
+            let head = chain.head_index();
+            let mut writer = match chain.writer(&mem) {
+                Ok(w) if w.available_bytes() >= HEADER_LEN => w,
+                other => {
+                    tracing::warn!(
+                        "vsock: unusable rx buffer ({}): returned empty",
+                        other.map_or("bad descriptor chain".into(), |w| format!(
+                            "{} bytes",
+                            w.available_bytes()
+                        ))
+                    );
+                    self.add_rx_used(head, 0);
+                    continue;
+                }
+            };
+            let room = (writer.available_bytes() - HEADER_LEN).min(MAX_PAYLOAD as usize);
+            let packet = match self.control.pop_front() {
+                Some((key, op, flags)) => Some((self.header_for(key, op, flags, 0), 0)),
+                None => self.next_data_packet(room),
+            };
+            let Some((header, len)) = packet else {
+                // Nothing to send after all: give the buffer back for next time.
+                let next = self.rx.next_avail().wrapping_sub(1);
+                self.rx.set_next_avail(next);
+                continue;
+            };
+            let written = writer
+                .write_all(&header.bytes())
+                .and_then(|_| writer.write_all(&self.scratch[..len]));
+            if let Err(e) = written {
+                tracing::warn!("vsock: writing an rx packet: {e}");
+            }
+            self.add_rx_used(head, (HEADER_LEN + len) as u32);
+        }
+    }
+
+    fn add_rx_used(&mut self, head: u16, len: u32) {
+        if let Err(e) = self.rx.add_used(&self.mem, head, len) {
+            tracing::warn!("vsock: returning an rx buffer: {e:?}");
+        }
+        self.used = true;
+    }
+
+    /// Reads the next ready connection's bytes (up to `room` and its credit) into
+    /// `scratch`; returns the packet to send, or None when no connection had any.
+    fn next_data_packet(&mut self, room: usize) -> Option<(Header, usize)> {
+        while let Some(key) = self.ready.pop_front() {
+            let Some(conn) = self.conns.get_mut(&key) else {
+                continue;
+            };
+            if !conn.established || conn.guest_shut_rcv || conn.host_eof {
+                self.rearm(key);
+                continue;
+            }
+            let credit = conn.peer_credit() as usize;
+            if credit == 0 {
+                // Wait for the guest's credit update (its packets rearm the stream).
+                self.control.push_back((key, OP_CREDIT_REQUEST, 0));
+                self.rearm(key);
+                continue;
+            }
+            let want = room.min(credit);
+            let read = if !conn.to_guest.is_empty() {
+                let n = want.min(conn.to_guest.len());
+                self.scratch[..n].copy_from_slice(&conn.to_guest[..n]);
+                conn.to_guest.drain(..n);
+                Ok(n)
+            } else {
+                conn.stream.read(&mut self.scratch[..want])
+            };
+            match read {
+                Ok(0) => {
+                    conn.host_eof = true;
+                    let header = self.header_for(key, OP_SHUTDOWN, SHUTDOWN_RCV | SHUTDOWN_SEND, 0);
+                    self.rearm(key);
+                    return Some((header, 0));
+                }
+                Ok(n) => {
+                    conn.tx_cnt = conn.tx_cnt.wrapping_add(n as u32);
+                    // Maybe more: stay queued; rearm leaves EPOLLIN off meanwhile.
+                    self.ready.push_back(key);
+                    self.rearm(key);
+                    return Some((self.header_for(key, OP_RW, 0, n as u32), n));
+                }
+                Err(e)
+                    if e.kind() == ErrorKind::WouldBlock || e.kind() == ErrorKind::Interrupted =>
+                {
+                    self.rearm(key);
+                }
+                Err(_) => {
+                    self.remove_conn(key);
+                    return Some((self.header_for(key, OP_RST, 0, 0), 0));
+                }
+            }
+        }
+        None
+    }
+}
+
+/// Reads one tx packet: its header and `len` payload bytes into `buf`.
+fn read_packet(
+    reader: &mut virtio_queue::Reader<'_, ()>,
+    buf: &mut [u8],
+) -> Result<(Header, usize), String> {
+    let mut raw = [0u8; HEADER_LEN];
+    if reader.available_bytes() < HEADER_LEN {
+        return Err(format!(
+            "{} bytes is shorter than a header",
+            reader.available_bytes()
+        ));
+    }
+    reader
+        .read_exact(&mut raw)
+        .map_err(|e| format!("reading the header: {e}"))?;
+    let header = Header::parse(&raw);
+    let len = header.len as usize;
+    if header.len > MAX_PAYLOAD || len > buf.len() {
+        return Err(format!(
+            "payload of {} bytes is over {MAX_PAYLOAD}",
+            header.len
+        ));
+    }
+    if len > reader.available_bytes() {
+        return Err(format!(
+            "header says {len} payload bytes, the chain holds {}",
+            reader.available_bytes()
+        ));
+    }
+    reader
+        .read_exact(&mut buf[..len])
+        .map_err(|e| format!("reading the payload: {e}"))?;
+    Ok((header, len))
+}
+
+/// `CONNECT <port>` (without its newline) to the port.
+fn parse_connect(line: &[u8]) -> Option<u32> {
+    let line = std::str::from_utf8(line).ok()?.trim_end_matches('\r');
+    let port = line.strip_prefix("CONNECT ")?;
+    if port.is_empty() || !port.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    port.parse().ok()
+}
+
+/// Connects to a Unix socket without blocking (a full backlog is an error, not a wait).
+fn connect_nonblocking(path: &str) -> std::io::Result<UnixStream> {
+    let addr = nix::sys::socket::UnixAddr::new(path).map_err(std::io::Error::from)?;
+    let fd = nix::sys::socket::socket(
+        nix::sys::socket::AddressFamily::Unix,
+        nix::sys::socket::SockType::Stream,
+        nix::sys::socket::SockFlag::SOCK_NONBLOCK | nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .map_err(std::io::Error::from)?;
+    // SAFETY: `socket` just returned this fd and nothing else owns it.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    nix::sys::socket::connect(owned.as_raw_fd(), &addr).map_err(std::io::Error::from)?;
+    Ok(UnixStream::from(owned))
+}
+
+#[cfg(test)]
+mod tests;
