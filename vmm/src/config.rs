@@ -37,7 +37,22 @@ pub struct VmConfig {
     /// A virtio-vsock device with Firecracker's hybrid (Unix socket) host side.
     #[serde(default)]
     pub vsock: Option<VsockConfig>,
+    /// virtio-fs devices, each served by a vhost-user backend (virtiofsd).
+    #[serde(default)]
+    pub fs: Vec<FsConfig>,
 }
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct FsConfig {
+    /// The mount tag the guest uses (`mount -t virtiofs TAG /mnt`).
+    pub tag: String,
+    /// virtiofsd's vhost-user socket (virtiofsd must be listening there).
+    pub socket: PathBuf,
+}
+
+/// Most virtio-mmio devices (one IRQ line each, 5 to 23).
+pub const MAX_VIRTIO_DEVICES: usize = 16;
 
 fn one() -> u8 {
     1
@@ -182,6 +197,34 @@ impl VmConfig {
                 }
             }
         }
+        let mut tags = std::collections::HashSet::new();
+        for fs in &self.fs {
+            if fs.tag.is_empty() || fs.tag.len() > 36 || !tags.insert(&fs.tag) {
+                return Err(invalid(
+                    "fs.tag",
+                    format!("{:?} must be 1 to 36 bytes and unique", fs.tag),
+                ));
+            }
+            use std::os::unix::fs::FileTypeExt;
+            match std::fs::metadata(&fs.socket) {
+                Ok(m) if m.file_type().is_socket() => {}
+                _ => {
+                    return Err(invalid(
+                        "fs.socket",
+                        format!(
+                            "{} is not a socket: start virtiofsd with --socket-path there first",
+                            fs.socket.display()
+                        ),
+                    ))
+                }
+            }
+        }
+        if self.fs.len() + usize::from(self.vsock.is_some()) > MAX_VIRTIO_DEVICES {
+            return Err(invalid(
+                "fs",
+                format!("at most {MAX_VIRTIO_DEVICES} virtio devices"),
+            ));
+        }
         Ok(())
     }
 }
@@ -210,6 +253,7 @@ mod tests {
             cmdline: "console=ttyS0".into(),
             serial: SerialConfig::default(),
             vsock: None,
+            fs: Vec::new(),
         }
     }
 
@@ -257,6 +301,18 @@ mod tests {
             uds: PathBuf::from("/nonexistent/dir/v.sock"),
         });
         assert_eq!(field_of(&c), "vsock.uds");
+        let mut c = base();
+        c.fs = vec![FsConfig {
+            tag: "x".repeat(37),
+            socket: PathBuf::from("/tmp"),
+        }];
+        assert_eq!(field_of(&c), "fs.tag");
+        let mut c = base();
+        c.fs = vec![FsConfig {
+            tag: "share".into(),
+            socket: PathBuf::from("/tmp"),
+        }];
+        assert_eq!(field_of(&c), "fs.socket");
     }
 
     #[test]

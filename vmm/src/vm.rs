@@ -20,6 +20,7 @@ use crate::arch::{boot, cpu, layout, mptable};
 use crate::config::VmConfig;
 use crate::devices::bus::{lock, Bus};
 use crate::devices::legacy::{ResetPort, SerialPort};
+use crate::devices::virtio::fs::{FsError, VhostUserFs};
 use crate::devices::virtio::mmio::{MmioTransport, NOTIFY_OFFSET};
 use crate::devices::virtio::vsock::Vsock;
 use crate::devices::virtio::{Interrupt, VirtioDevice};
@@ -58,6 +59,8 @@ pub enum VmError {
         path: String,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Fs(#[from] FsError),
     #[error(transparent)]
     Bus(#[from] crate::devices::bus::Overlap),
 }
@@ -200,6 +203,9 @@ impl Vm {
                 source,
             })?;
             virtio.push(Box::new(device));
+        }
+        for fs in &config.fs {
+            virtio.push(Box::new(VhostUserFs::new(&fs.tag, &fs.socket)?));
         }
         for (i, device) in virtio.into_iter().enumerate() {
             let base = layout::VIRTIO_MMIO_BASE + i as u64 * layout::VIRTIO_MMIO_SIZE;

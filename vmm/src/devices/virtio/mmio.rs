@@ -221,10 +221,12 @@ impl MmioTransport {
             };
             queues.push((queue, event));
         }
-        match self
-            .device
-            .activate(self.mem.clone(), queues, self.interrupt.clone())
-        {
+        match self.device.activate(
+            self.driver_features,
+            self.mem.clone(),
+            queues,
+            self.interrupt.clone(),
+        ) {
             Ok(()) => self.active = true,
             Err(e) => {
                 tracing::error!(
@@ -311,6 +313,7 @@ mod tests {
         }
         fn activate(
             &mut self,
+            _features: u64,
             _mem: GuestMemory,
             queues: Vec<(Queue, EventFd)>,
             _interrupt: Arc<Interrupt>,

@@ -1,5 +1,6 @@
 //! virtio devices over the MMIO transport (virtio 1.x, transport version 2 only).
 
+pub mod fs;
 pub mod mmio;
 #[cfg(test)]
 pub mod testing;
@@ -13,6 +14,7 @@ use crate::memory::GuestMemory;
 
 pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
 pub const DEVICE_ID_VSOCK: u32 = 19;
+pub const DEVICE_ID_FS: u32 = 26;
 
 /// `InterruptStatus` bits.
 pub const INT_USED_RING: u32 = 1;
@@ -62,6 +64,8 @@ impl Interrupt {
 pub enum ActivateError {
     #[error("{0}")]
     Io(#[from] std::io::Error),
+    #[error("vhost-user backend: {0}")]
+    VhostUser(#[from] vhost::Error),
     #[error("the driver set up {got} queues, the device needs {want}")]
     Queues { got: usize, want: usize },
 }
@@ -75,9 +79,11 @@ pub trait VirtioDevice: Send {
     fn features(&self) -> u64;
     /// Reads device config space at `offset` (bytes past the config are all ones).
     fn read_config(&self, offset: u64, data: &mut [u8]);
-    /// Starts the device with the queues the driver set up, each with its notify event.
+    /// Starts the device with the features the driver accepted and the queues it set up,
+    /// each with its notify event.
     fn activate(
         &mut self,
+        features: u64,
         mem: GuestMemory,
         queues: Vec<(virtio_queue::Queue, EventFd)>,
         interrupt: std::sync::Arc<Interrupt>,

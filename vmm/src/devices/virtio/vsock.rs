@@ -171,6 +171,7 @@ impl VirtioDevice for Vsock {
 
     fn activate(
         &mut self,
+        _features: u64,
         mem: GuestMemory,
         queues: Vec<(Queue, EventFd)>,
         interrupt: Arc<Interrupt>,

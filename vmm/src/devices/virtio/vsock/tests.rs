@@ -53,7 +53,9 @@ impl Guest {
             next_tx: TX_BUFS,
             rx_heads: HashMap::new(),
             device: {
-                device.activate(mem.clone(), queues, irq).unwrap();
+                device
+                    .activate(super::super::VIRTIO_F_VERSION_1, mem.clone(), queues, irq)
+                    .unwrap();
                 device
             },
         };
