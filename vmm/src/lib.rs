@@ -9,6 +9,7 @@ pub mod arch;
 pub mod config;
 pub mod devices;
 pub mod memory;
+pub mod seccomp;
 pub mod vcpu;
 pub mod vm;
 

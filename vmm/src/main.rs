@@ -26,7 +26,12 @@ fn parse_args() -> Result<Args, String> {
             Some("--config") => {
                 config = Some(PathBuf::from(args.next().ok_or("--config needs a file")?))
             }
-            Some("--no-seccomp") => {}
+            Some("--no-seccomp") => {
+                eprintln!(
+                    "hull-vmm: --no-seccomp: running without seccomp filters (debugging only)"
+                );
+                hull_vmm::seccomp::disable();
+            }
             Some("--help" | "-h") => {
                 println!("{USAGE}");
                 std::process::exit(0);

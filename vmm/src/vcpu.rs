@@ -132,6 +132,10 @@ fn run(
     ctx: VcpuContext,
     mut on_first_run: Option<Box<dyn FnOnce() + Send>>,
 ) {
+    if let Err(e) = crate::seccomp::install(crate::seccomp::ThreadKind::Vcpu) {
+        ctx.exit.set(ExitReason::Error(e.to_string()));
+        return;
+    }
     while !ctx.stop.load(Ordering::Acquire) {
         if let Some(first) = on_first_run.take() {
             first();

@@ -25,6 +25,7 @@ use crate::devices::virtio::mmio::{MmioTransport, NOTIFY_OFFSET};
 use crate::devices::virtio::vsock::Vsock;
 use crate::devices::virtio::{Interrupt, VirtioDevice};
 use crate::memory::{self, GuestMemory};
+use crate::seccomp::{self, ThreadKind};
 use crate::vcpu::{install_kick_handler, ExitLatch, ExitReason, VcpuContext, VcpuThread};
 
 #[derive(Debug, thiserror::Error)]
@@ -139,6 +140,7 @@ impl Vm {
         let signals = SignalFd::with_flags(&mask, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK)
             .map_err(|e| io("creating a signalfd")(e.into()))?;
         install_kick_handler().map_err(io("installing the vCPU kick handler"))?;
+        seccomp::install_sigsys_handler().map_err(io("installing the SIGSYS handler"))?;
 
         let kvm = Kvm::new().map_err(VmError::Kvm)?;
         let vm = kvm.create_vm().map_err(kvm_op("create a VM"))?;
@@ -291,6 +293,10 @@ impl Vm {
             }
         }
 
+        // Every thread is started: from here the main thread only waits and tears down.
+        if let Err(e) = seccomp::install(ThreadKind::Main) {
+            self.ctx.exit.set(ExitReason::Error(e.to_string()));
+        }
         let mut events = vec![EpollEvent::default(); 8];
         let reason = 'outer: loop {
             let n = match epoll.wait(-1, &mut events) {

@@ -166,6 +166,26 @@ fn a_halted_guest_stops_cleanly_on_sigterm() {
         c.contains("HULL-PROBE done")
     });
     assert!(uds.exists());
+    // Every thread (main, two vCPUs, the vsock device thread) runs under its filter
+    // (KVM's own kernel workers show up among the tasks too: they are not ours).
+    let mut threads: Vec<(String, bool)> =
+        std::fs::read_dir(format!("/proc/{}/task", vmm.child.id()))
+            .unwrap()
+            .map(|t| std::fs::read_to_string(t.unwrap().path().join("status")).unwrap())
+            .map(|status| {
+                let name = status
+                    .lines()
+                    .next()
+                    .unwrap_or("")
+                    .trim_start_matches("Name:\t")
+                    .to_string();
+                (name, status.contains("\nSeccomp:\t2\n"))
+            })
+            .filter(|(name, _)| !name.starts_with("kvm"))
+            .collect();
+    threads.sort();
+    let expected = ["hull-vmm", "vcpu0", "vcpu1", "vsock"].map(|n| (n.to_string(), true));
+    assert_eq!(threads, expected);
     assert_eq!(vmm.terminate(), Some(4));
     assert!(!uds.exists(), "vsock socket left behind");
 }

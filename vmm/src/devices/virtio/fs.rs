@@ -5,8 +5,7 @@
 
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::thread::JoinHandle;
+use std::sync::{mpsc, Arc};
 
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost::vhost_user::{Frontend, VhostUserFrontend, VhostUserVirtioFeatures};
@@ -17,6 +16,7 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{ActivateError, Interrupt, VirtioDevice, DEVICE_ID_FS};
+use crate::devices::thread::DeviceThread;
 use crate::memory::GuestMemory;
 
 /// Longest tag (virtio-fs config space holds 36 bytes, NUL-padded).
@@ -43,7 +43,10 @@ pub struct VhostUserFs {
     config: Vec<u8>,
     backend_features: u64,
     protocol_features: bool,
-    relay: Option<(JoinHandle<()>, EventFd)>,
+    /// Talks to the backend and relays its interrupts, off the vCPU threads.
+    thread: DeviceThread,
+    /// While active: the relay's stop event and its end.
+    relay: Option<(EventFd, mpsc::Receiver<()>)>,
 }
 
 impl VhostUserFs {
@@ -83,63 +86,67 @@ impl VhostUserFs {
             config,
             backend_features,
             protocol_features,
+            thread: DeviceThread::spawn("virtio-fs")
+                .map_err(|e| backend(vhost::Error::IOError(e)))?,
             relay: None,
         })
     }
 
-    fn setup_backend(
-        &mut self,
-        features: u64,
-        mem: &GuestMemory,
-        queues: &[(Queue, EventFd)],
-        calls: &[EventFd],
-    ) -> Result<(), vhost::Error> {
-        let protocol = if self.protocol_features {
-            VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
-        } else {
-            0
-        };
-        self.frontend.set_features(features | protocol)?;
-        let regions = mem
-            .iter()
-            .map(VhostUserMemoryRegionInfo::from_guest_region)
-            .collect::<Result<Vec<_>, _>>()?;
-        self.frontend.set_mem_table(&regions)?;
-        let host = |addr: u64| -> Result<u64, vhost::Error> {
-            mem.get_host_address(GuestAddress(addr))
-                .map(|p| p as u64)
-                .map_err(|_| vhost::Error::InvalidGuestMemory)
-        };
-        for (index, ((queue, kick), call)) in queues.iter().zip(calls).enumerate() {
-            self.frontend.set_vring_num(index, queue.size())?;
-            self.frontend.set_vring_addr(
-                index,
-                &VringConfigData {
-                    queue_max_size: queue.max_size(),
-                    queue_size: queue.size(),
-                    flags: 0,
-                    desc_table_addr: host(queue.desc_table())?,
-                    used_ring_addr: host(queue.used_ring())?,
-                    avail_ring_addr: host(queue.avail_ring())?,
-                    log_addr: None,
-                },
-            )?;
-            self.frontend.set_vring_base(index, 0)?;
-            self.frontend.set_vring_call(index, call)?;
-            self.frontend.set_vring_kick(index, kick)?;
-            if self.protocol_features {
-                self.frontend.set_vring_enable(index, true)?;
-            }
-        }
-        Ok(())
-    }
-
     fn stop_relay(&mut self) {
-        if let Some((handle, stop)) = self.relay.take() {
+        if let Some((stop, ended)) = self.relay.take() {
             let _ = stop.write(1);
-            let _ = handle.join();
+            let _ = ended.recv();
         }
     }
+}
+
+/// Hands guest memory and the vrings to the backend (on the device thread).
+fn setup_backend(
+    frontend: &mut Frontend,
+    protocol_features: bool,
+    features: u64,
+    mem: &GuestMemory,
+    queues: &[(Queue, EventFd)],
+    calls: &[EventFd],
+) -> Result<(), vhost::Error> {
+    let protocol = if protocol_features {
+        VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+    } else {
+        0
+    };
+    frontend.set_features(features | protocol)?;
+    let regions = mem
+        .iter()
+        .map(VhostUserMemoryRegionInfo::from_guest_region)
+        .collect::<Result<Vec<_>, _>>()?;
+    frontend.set_mem_table(&regions)?;
+    let host = |addr: u64| -> Result<u64, vhost::Error> {
+        mem.get_host_address(GuestAddress(addr))
+            .map(|p| p as u64)
+            .map_err(|_| vhost::Error::InvalidGuestMemory)
+    };
+    for (index, ((queue, kick), call)) in queues.iter().zip(calls).enumerate() {
+        frontend.set_vring_num(index, queue.size())?;
+        frontend.set_vring_addr(
+            index,
+            &VringConfigData {
+                queue_max_size: queue.max_size(),
+                queue_size: queue.size(),
+                flags: 0,
+                desc_table_addr: host(queue.desc_table())?,
+                used_ring_addr: host(queue.used_ring())?,
+                avail_ring_addr: host(queue.avail_ring())?,
+                log_addr: None,
+            },
+        )?;
+        frontend.set_vring_base(index, 0)?;
+        frontend.set_vring_call(index, call)?;
+        frontend.set_vring_kick(index, kick)?;
+        if protocol_features {
+            frontend.set_vring_enable(index, true)?;
+        }
+    }
+    Ok(())
 }
 
 impl Drop for VhostUserFs {
@@ -182,7 +189,22 @@ impl VirtioDevice for VhostUserFs {
             .iter()
             .map(|_| EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC))
             .collect::<Result<Vec<_>, _>>()?;
-        self.setup_backend(features, &mem, &queues, &calls)?;
+        let mut frontend = self.frontend.clone();
+        let protocol_features = self.protocol_features;
+        let backend_calls = calls
+            .iter()
+            .map(EventFd::try_clone)
+            .collect::<Result<Vec<_>, _>>()?;
+        self.thread.run(move || {
+            setup_backend(
+                &mut frontend,
+                protocol_features,
+                features,
+                &mem,
+                &queues,
+                &backend_calls,
+            )
+        })??;
         let stop = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?;
         let epoll = Epoll::new()?;
         // Token 0: stop; 1: the backend hung up; 2..: call eventfds.
@@ -204,20 +226,28 @@ impl VirtioDevice for VhostUserFs {
             )?;
         }
         let socket = self.socket.clone();
-        let handle = std::thread::Builder::new()
-            .name("virtio-fs".into())
-            .spawn(move || relay_calls(epoll, calls, interrupt, socket))?;
-        self.relay = Some((handle, stop));
+        let (ended, relay_ended) = mpsc::channel();
+        self.thread.submit(move || {
+            relay_calls(epoll, calls, interrupt, socket);
+            let _ = ended.send(());
+        })?;
+        self.relay = Some((stop, relay_ended));
         Ok(())
     }
 
     fn reset(&mut self) {
         self.stop_relay();
         // GET_VRING_BASE stops each ring in the backend.
-        for index in 0..QUEUE_SIZES.len() {
-            if let Err(e) = self.frontend.get_vring_base(index) {
-                tracing::warn!("virtio-fs: stopping ring {index} in the backend: {e}");
+        let frontend = self.frontend.clone();
+        let stopped = self.thread.run(move || {
+            for index in 0..QUEUE_SIZES.len() {
+                if let Err(e) = frontend.get_vring_base(index) {
+                    tracing::warn!("virtio-fs: stopping ring {index} in the backend: {e}");
+                }
             }
+        });
+        if let Err(e) = stopped {
+            tracing::warn!("virtio-fs: {e}");
         }
     }
 }

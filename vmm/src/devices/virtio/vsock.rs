@@ -5,7 +5,7 @@
 //!   the VMM answers `OK <host port>\n` and the stream carries the connection's bytes.
 //! - Guest to host: a guest connection to CID 2 port P is connected to `<uds>_P`.
 //!
-//! One worker thread per device runs an epoll loop over the queues' notify events, the
+//! One device thread (started with the VM) runs an epoll loop over the queues' notify events, the
 //! listener and every connection's stream. Everything from the guest is checked: a
 //! malformed descriptor chain is returned unused, a packet with a bad header or for an
 //! unknown connection is answered with RST, and a guest that overruns the credit it was
@@ -16,14 +16,14 @@ use std::io::{ErrorKind, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::thread::JoinHandle;
+use std::sync::{mpsc, Arc};
 
 use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{read_config_bytes, ActivateError, Interrupt, VirtioDevice, DEVICE_ID_VSOCK};
+use crate::devices::thread::DeviceThread;
 use crate::memory::GuestMemory;
 
 pub const HOST_CID: u64 = 2;
@@ -105,7 +105,9 @@ pub struct Vsock {
     uds: PathBuf,
     config: [u8; 8],
     listener: Option<UnixListener>,
-    worker: Option<(JoinHandle<UnixListener>, EventFd)>,
+    thread: DeviceThread,
+    /// While active: the worker's stop event, and where it hands the listener back.
+    worker: Option<(EventFd, mpsc::Receiver<UnixListener>)>,
 }
 
 impl Vsock {
@@ -130,16 +132,17 @@ impl Vsock {
             uds: uds.to_owned(),
             config: cid.to_le_bytes(),
             listener: Some(listener),
+            thread: DeviceThread::spawn("vsock")?,
             worker: None,
         })
     }
 
     fn stop_worker(&mut self) {
-        if let Some((handle, stop)) = self.worker.take() {
+        if let Some((stop, back)) = self.worker.take() {
             let _ = stop.write(1);
-            match handle.join() {
+            match back.recv() {
                 Ok(listener) => self.listener = Some(listener),
-                Err(_) => tracing::error!("the vsock worker panicked"),
+                Err(_) => tracing::error!("the vsock worker ended without its listener"),
             }
         }
     }
@@ -195,10 +198,11 @@ impl VirtioDevice for Vsock {
             self.uds.clone(),
             listener,
         )?;
-        let handle = std::thread::Builder::new()
-            .name("vsock".into())
-            .spawn(move || worker.run())?;
-        self.worker = Some((handle, stop));
+        let (back, listener_back) = mpsc::channel();
+        self.thread.submit(move || {
+            let _ = back.send(worker.run());
+        })?;
+        self.worker = Some((stop, listener_back));
         Ok(())
     }
 
