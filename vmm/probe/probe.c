@@ -912,7 +912,12 @@ static void run_fs(const struct virtio_dev *d)
 	if (!virtio_begin(d))
 		return;
 	if (!virtq_setup(d, &hiprio, FS_HIPRIO_QUEUE, &fs_rings[0]) ||
-	    !virtq_setup(d, &req, FS_REQUEST_QUEUE, &fs_rings[1]) || req.num < 2) {
+	    !virtq_setup(d, &req, FS_REQUEST_QUEUE, &fs_rings[1])) {
+		virtio_set_failed(d);
+		return;
+	}
+	if (req.num < 2) {
+		fail("fs request queue size %u cannot hold a 2-descriptor request", req.num);
 		virtio_set_failed(d);
 		return;
 	}
@@ -1056,7 +1061,6 @@ struct vsock_ctrl {
 enum vsock_state { VS_CONNECTING, VS_CONNECTED, VS_CLOSING, VS_CLOSED };
 
 struct vsock {
-	const struct virtio_dev *dev;
 	struct virtq rx, tx, ev;
 	u64 guest_cid;
 	u32 peer_port;
@@ -1069,7 +1073,7 @@ struct vsock {
 	u32 peer_fwd_cnt;	/* bytes the host has consumed, as last advertised */
 	u32 tx_cnt;		/* payload bytes we have sent */
 	u32 fwd_cnt;		/* payload bytes we have consumed (echoed) */
-	u32 fwd_cnt_sent;	/* our fwd_cnt as last advertised */
+	u32 fwd_cnt_announced;	/* our fwd_cnt in our last CREDIT_UPDATE */
 	bool credit_requested;
 	bool credit_update_queued;
 
@@ -1096,6 +1100,15 @@ static void vsock_queue_ctrl(struct vsock *v, u64 dst_cid, u32 src_port, u32 dst
 static void vsock_queue_own(struct vsock *v, u16 op)
 {
 	vsock_queue_ctrl(v, VSOCK_HOST_CID, VSOCK_LOCAL_PORT, v->peer_port, op, true);
+}
+
+/* At most one CREDIT_UPDATE waits in the control queue at a time. */
+static void vsock_queue_credit_update(struct vsock *v)
+{
+	if (!v->credit_update_queued) {
+		vsock_queue_own(v, VSOCK_OP_CREDIT_UPDATE);
+		v->credit_update_queued = true;
+	}
 }
 
 /* What the host can still take from us. */
@@ -1127,7 +1140,8 @@ static void vsock_send(struct vsock *v, int slot, u64 dst_cid, u32 src_port, u32
 	if (ours) {
 		h->buf_alloc = VSOCK_BUF_ALLOC;
 		h->fwd_cnt = v->fwd_cnt;
-		v->fwd_cnt_sent = v->fwd_cnt;
+		if (op == VSOCK_OP_CREDIT_UPDATE)
+			v->fwd_cnt_announced = v->fwd_cnt;
 	}
 	u16 head = (u16)(2 * slot);
 	if (len) {
@@ -1153,11 +1167,13 @@ static bool vsock_pump(struct vsock *v)
 			vsock_queue_own(v, VSOCK_OP_CREDIT_REQUEST);
 			v->credit_requested = true;
 		}
-		if ((u32)(v->fwd_cnt - v->fwd_cnt_sent) > VSOCK_BUF_ALLOC / 2 &&
-		    !v->credit_update_queued) {
-			vsock_queue_own(v, VSOCK_OP_CREDIT_UPDATE);
-			v->credit_update_queued = true;
-		}
+		/*
+		 * Every packet we send carries fwd_cnt, but some hosts only resume
+		 * sending on an explicit CREDIT_UPDATE, so send one whenever our
+		 * window has reopened by more than half since the last one.
+		 */
+		if ((u32)(v->fwd_cnt - v->fwd_cnt_announced) > VSOCK_BUF_ALLOC / 2)
+			vsock_queue_credit_update(v);
 	}
 
 	int slot;
@@ -1271,7 +1287,7 @@ static void vsock_handle_packet(struct vsock *v, const u8 *buf, u32 used_len)
 			vsock_abort(v, true);
 		break;
 	case VSOCK_OP_CREDIT_REQUEST:
-		vsock_queue_own(v, VSOCK_OP_CREDIT_UPDATE);
+		vsock_queue_credit_update(v);
 		break;
 	case VSOCK_OP_CREDIT_UPDATE:
 		break; /* the credit fields are all it carries */
@@ -1338,8 +1354,8 @@ static int vsock_service_events(struct vsock *v)
 	while ((r = virtq_pop(&v->ev, "vsock event", &id, &len)) > 0) {
 		got = 1;
 		barrier();
-		if (len < sizeof(u32) || len > sizeof(vsock_events[0])) {
-			fail("vsock event used len %u, want 4", len);
+		if (len != sizeof(vsock_events[0])) {
+			fail("vsock event used len %u, want %u", len, (u32)sizeof(vsock_events[0]));
 			return -1;
 		}
 		u32 event = vsock_events[id];
@@ -1359,7 +1375,7 @@ static struct vsock vsock;
 static void run_vsock(const struct virtio_dev *d, u32 port)
 {
 	struct vsock *v = &vsock;
-	*v = (struct vsock){ .dev = d, .peer_port = port, .state = VS_CONNECTING };
+	*v = (struct vsock){ .peer_port = port, .state = VS_CONNECTING };
 
 	if (!virtio_begin(d))
 		return;
