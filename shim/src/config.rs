@@ -17,6 +17,11 @@ pub struct Config {
     /// Initramfs whose /init is hull-agent.
     pub initramfs: PathBuf,
     pub qemu: PathBuf,
+    /// `auto` (hull-vmm where /dev/kvm has hardware virtualization, else QEMU),
+    /// `hull-vmm` or `qemu`.
+    pub hypervisor: String,
+    /// Hull's own VMM.
+    pub hull_vmm: PathBuf,
     pub virtiofsd: PathBuf,
     pub vhost_vsock: PathBuf,
     /// Where sandboxes live: `<run_root>/<id>/`.
@@ -44,12 +49,24 @@ pub enum ConfigError {
     },
 }
 
+/// hull-vmm beside this program (where the build and the install put it), else from PATH.
+fn default_hull_vmm() -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.canonicalize().ok())
+        .and_then(|exe| exe.parent().map(|d| d.join("hull-vmm")))
+        .filter(|p| p.is_file())
+        .unwrap_or_else(|| PathBuf::from("hull-vmm"))
+}
+
 impl Default for Config {
     fn default() -> Self {
         Config {
             kernel: PathBuf::from("/var/lib/hull/vmlinux"),
             initramfs: PathBuf::from("/var/lib/hull/initramfs.cpio"),
             qemu: PathBuf::from("qemu-system-x86_64"),
+            hypervisor: "auto".to_string(),
+            hull_vmm: default_hull_vmm(),
             virtiofsd: PathBuf::from("virtiofsd"),
             vhost_vsock: PathBuf::from("vhost-device-vsock"),
             run_root: PathBuf::from("/run/hull"),
@@ -110,6 +127,16 @@ impl Config {
                 "kernel" => c.kernel = string()?.into(),
                 "initramfs" => c.initramfs = string()?.into(),
                 "qemu" => c.qemu = string()?.into(),
+                "hull_vmm" => c.hull_vmm = string()?.into(),
+                "hypervisor" => {
+                    let h = string()?;
+                    if !["auto", "hull-vmm", "qemu"].contains(&h.as_str()) {
+                        return Err(err(format!(
+                            "hypervisor must be \"auto\", \"hull-vmm\" or \"qemu\", not {h:?}"
+                        )));
+                    }
+                    c.hypervisor = h;
+                }
                 "virtiofsd" => c.virtiofsd = string()?.into(),
                 "vhost_vsock" => c.vhost_vsock = string()?.into(),
                 "run_root" => c.run_root = string()?.into(),

@@ -14,7 +14,7 @@ use thiserror::Error;
 
 use crate::agent_client::{AgentClient, AgentError};
 use crate::config::Config;
-use crate::hypervisor::qemu::{become_subreaper, die_with_parent, kill_group, Qemu};
+use crate::hypervisor::qemu::{become_subreaper, die_with_parent, kill_group};
 use crate::hypervisor::{Hypervisor, HypervisorError, VmConfig};
 use crate::vsock::HybridVsock;
 
@@ -127,7 +127,7 @@ impl Sandbox {
             id: spec.id.clone(),
             dir: dir.clone(),
             config: config.clone(),
-            vmm: Box::new(Qemu::new(&config.qemu, &config.accel)),
+            vmm: crate::hypervisor::select(config),
             helpers: Vec::new(),
             vsock,
             agent: None,
@@ -325,22 +325,26 @@ impl Sandbox {
                 "--log-level=error".into(),
             ],
         )?;
-        let vhost_vsock = self.config.vhost_vsock.clone();
-        self.spawn_helper(
-            "vhost-device-vsock",
-            &vhost_vsock,
-            &[
-                "--guest-cid=3".into(),
-                format!("--socket={}", vsock_backend.display()),
-                format!("--uds-path={}", self.vsock.uds().display()),
-            ],
-        )?;
+        if !self.vmm.serves_vsock() {
+            let vhost_vsock = self.config.vhost_vsock.clone();
+            self.spawn_helper(
+                "vhost-device-vsock",
+                &vhost_vsock,
+                &[
+                    "--guest-cid=3".into(),
+                    format!("--socket={}", vsock_backend.display()),
+                    format!("--uds-path={}", self.vsock.uds().display()),
+                ],
+            )?;
+        }
         let ready = self
             .vsock
             .listen(hull_protocol::HOST_READY_PORT)
             .map_err(io("listening for the agent's ready call"))?;
         self.wait_for_socket("virtiofsd", &fs_socket)?;
-        self.wait_for_socket("vhost-device-vsock", &vsock_backend)?;
+        if !self.vmm.serves_vsock() {
+            self.wait_for_socket("vhost-device-vsock", &vsock_backend)?;
+        }
 
         let vm = VmConfig {
             vcpus: self.spec.vcpus,
@@ -351,6 +355,7 @@ impl Sandbox {
             fs_socket,
             share_tag: hull_protocol::SHARE_TAG.into(),
             vsock_backend,
+            vsock_uds: self.vsock.uds().to_path_buf(),
             console_log: self.dir.join("console.log"),
             log: self.dir.join("vmm.log"),
         };

@@ -1,27 +1,26 @@
 //! QEMU `microvm` as a backend: virtio-mmio devices only, no PCI, no ACPI, no firmware.
 
-use std::fs::File;
 use std::os::unix::process::CommandExt;
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, Command, ExitStatus};
 
-use super::accel::{self, Accel};
-use super::{Hypervisor, HypervisorError, VmConfig};
+use super::accel::Accel;
+use super::{Hypervisor, HypervisorError, VmConfig, VmmProcess};
 
 pub struct Qemu {
     program: std::path::PathBuf,
     accel: Accel,
     why: String,
-    child: Option<Child>,
+    process: VmmProcess,
 }
 
 impl Qemu {
-    pub fn new(program: &std::path::Path, requested_accel: &str) -> Qemu {
-        let (accel, why) = accel::detect(requested_accel);
+    /// QEMU with `accel` (see `accel::detect`), `why` saying how it was chosen.
+    pub fn new(program: &std::path::Path, accel: Accel, why: String) -> Qemu {
         Qemu {
             program: program.to_path_buf(),
             accel,
             why,
-            child: None,
+            process: VmmProcess::default(),
         }
     }
 
@@ -91,44 +90,23 @@ pub(crate) fn die_with_parent(cmd: &mut Command) {
 
 impl Hypervisor for Qemu {
     fn start(&mut self, vm: &VmConfig) -> Result<(), HypervisorError> {
-        let log = File::create(&vm.log)?;
-        let mut cmd = Command::new(&self.program);
-        cmd.args(self.args(vm))
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log);
-        die_with_parent(&mut cmd);
-        let child = cmd.spawn().map_err(|source| HypervisorError::Spawn {
-            program: self.program.display().to_string(),
-            source,
-        })?;
-        tracing::debug!(pid = child.id(), "qemu started");
-        self.child = Some(child);
-        Ok(())
+        self.process.spawn(&self.program, &self.args(vm), &vm.log)
     }
 
     fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(Child::id)
+        self.process.pid()
     }
 
     fn try_wait(&mut self) -> Result<Option<ExitStatus>, HypervisorError> {
-        match self.child.as_mut() {
-            Some(c) => Ok(c.try_wait()?),
-            None => Ok(None),
-        }
+        self.process.try_wait()
     }
 
     fn wait(&mut self) -> Result<ExitStatus, HypervisorError> {
-        match self.child.as_mut() {
-            Some(c) => Ok(c.wait()?),
-            None => Err(std::io::Error::other("qemu was not started").into()),
-        }
+        self.process.wait()
     }
 
     fn stop(&mut self) {
-        if let Some(c) = self.child.as_mut() {
-            kill_group(c);
-        }
+        self.process.stop()
     }
 
     fn describe(&self) -> String {
