@@ -40,6 +40,18 @@ pub struct VmConfig {
     /// virtio-fs devices, each served by a vhost-user backend (virtiofsd).
     #[serde(default)]
     pub fs: Vec<FsConfig>,
+    /// virtio-blk devices on host files.
+    #[serde(default)]
+    pub block: Vec<BlockConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct BlockConfig {
+    /// The disk image (raw); its size rounded down to 512-byte sectors is the disk.
+    pub path: PathBuf,
+    #[serde(default)]
+    pub read_only: bool,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
@@ -219,7 +231,11 @@ impl VmConfig {
                 }
             }
         }
-        if self.fs.len() + usize::from(self.vsock.is_some()) > MAX_VIRTIO_DEVICES {
+        for block in &self.block {
+            readable_file("block.path", &block.path)?;
+        }
+        if self.fs.len() + self.block.len() + usize::from(self.vsock.is_some()) > MAX_VIRTIO_DEVICES
+        {
             return Err(invalid(
                 "fs",
                 format!("at most {MAX_VIRTIO_DEVICES} virtio devices"),
@@ -254,6 +270,7 @@ mod tests {
             serial: SerialConfig::default(),
             vsock: None,
             fs: Vec::new(),
+            block: Vec::new(),
         }
     }
 

@@ -87,6 +87,11 @@ fn arg_eq(arg_index: u8, value: u64) -> Vec<SeccompRule> {
 
 fn rules(kind: ThreadKind) -> BTreeMap<i64, Vec<SeccompRule>> {
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> = plain(COMMON).collect();
+    // malloc grows a thread's arena with mprotect(PROT_READ|PROT_WRITE); never PROT_EXEC.
+    rules.insert(
+        libc::SYS_mprotect,
+        arg_eq(2, (libc::PROT_READ | libc::PROT_WRITE) as u64),
+    );
     match kind {
         ThreadKind::Vcpu => {
             rules.insert(libc::SYS_ioctl, arg_eq(1, KVM_RUN));
@@ -105,6 +110,10 @@ fn rules(kind: ThreadKind) -> BTreeMap<i64, Vec<SeccompRule>> {
                 libc::SYS_recvmsg,
                 libc::SYS_sendmsg,
                 libc::SYS_readv,
+                // virtio-blk's positioned I/O and flush.
+                libc::SYS_pread64,
+                libc::SYS_pwrite64,
+                libc::SYS_fdatasync,
             ]));
             // Unix sockets only (guest connections to host ports).
             rules.insert(libc::SYS_socket, arg_eq(0, libc::AF_UNIX as u64));

@@ -20,6 +20,7 @@ use crate::arch::{boot, cpu, layout, mptable};
 use crate::config::VmConfig;
 use crate::devices::bus::{lock, Bus};
 use crate::devices::legacy::{ResetPort, SerialPort};
+use crate::devices::virtio::block::{Block, BlockError};
 use crate::devices::virtio::fs::{FsError, VhostUserFs};
 use crate::devices::virtio::mmio::{MmioTransport, NOTIFY_OFFSET};
 use crate::devices::virtio::vsock::Vsock;
@@ -62,6 +63,8 @@ pub enum VmError {
     },
     #[error(transparent)]
     Fs(#[from] FsError),
+    #[error(transparent)]
+    Block(#[from] BlockError),
     #[error(transparent)]
     Bus(#[from] crate::devices::bus::Overlap),
 }
@@ -208,6 +211,9 @@ impl Vm {
         }
         for fs in &config.fs {
             virtio.push(Box::new(VhostUserFs::new(&fs.tag, &fs.socket)?));
+        }
+        for disk in &config.block {
+            virtio.push(Box::new(Block::new(&disk.path, disk.read_only)?));
         }
         for (i, device) in virtio.into_iter().enumerate() {
             let base = layout::VIRTIO_MMIO_BASE + i as u64 * layout::VIRTIO_MMIO_SIZE;

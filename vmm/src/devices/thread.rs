@@ -16,6 +16,8 @@ pub struct DeviceThread {
 
 impl DeviceThread {
     pub fn spawn(name: &str) -> std::io::Result<Self> {
+        // A syscall the filter lacks then names itself instead of killing silently.
+        seccomp::install_sigsys_handler()?;
         let (jobs, queue) = mpsc::channel::<Job>();
         let handle = std::thread::Builder::new()
             .name(name.into())

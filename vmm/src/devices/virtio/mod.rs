@@ -1,5 +1,6 @@
 //! virtio devices over the MMIO transport (virtio 1.x, transport version 2 only).
 
+pub mod block;
 pub mod fs;
 pub mod mmio;
 #[cfg(test)]
@@ -13,6 +14,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::memory::GuestMemory;
 
 pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+pub const DEVICE_ID_BLOCK: u32 = 2;
 pub const DEVICE_ID_VSOCK: u32 = 19;
 pub const DEVICE_ID_FS: u32 = 26;
 
