@@ -43,6 +43,21 @@ pub struct VmConfig {
     /// virtio-blk devices on host files.
     #[serde(default)]
     pub block: Vec<BlockConfig>,
+    /// virtio-net devices on taps.
+    #[serde(default)]
+    pub net: Vec<NetConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct NetConfig {
+    /// The tap's name (created if it does not exist; needs CAP_NET_ADMIN).
+    pub tap: String,
+    /// The guest's MAC address, `02:xx:xx:xx:xx:xx`.
+    pub mac: String,
+    /// A network namespace (a /proc/PID/ns/net or bind-mounted path) to open the tap in.
+    #[serde(default)]
+    pub netns: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
@@ -234,8 +249,23 @@ impl VmConfig {
         for block in &self.block {
             readable_file("block.path", &block.path)?;
         }
-        if self.fs.len() + self.block.len() + usize::from(self.vsock.is_some()) > MAX_VIRTIO_DEVICES
-        {
+        for net in &self.net {
+            if net.tap.is_empty() || net.tap.len() > 15 || net.tap.contains('/') {
+                return Err(invalid(
+                    "net.tap",
+                    format!("{:?} is not an interface name (1 to 15 bytes)", net.tap),
+                ));
+            }
+            if crate::devices::virtio::net::parse_mac(&net.mac).is_none() {
+                return Err(invalid(
+                    "net.mac",
+                    format!("{:?} is not a MAC address like 02:00:00:00:00:01", net.mac),
+                ));
+            }
+        }
+        let devices =
+            self.fs.len() + self.block.len() + self.net.len() + usize::from(self.vsock.is_some());
+        if devices > MAX_VIRTIO_DEVICES {
             return Err(invalid(
                 "fs",
                 format!("at most {MAX_VIRTIO_DEVICES} virtio devices"),
@@ -271,6 +301,7 @@ mod tests {
             vsock: None,
             fs: Vec::new(),
             block: Vec::new(),
+            net: Vec::new(),
         }
     }
 
@@ -330,6 +361,15 @@ mod tests {
             socket: PathBuf::from("/tmp"),
         }];
         assert_eq!(field_of(&c), "fs.socket");
+        let mut c = base();
+        c.net = vec![NetConfig {
+            tap: "tap0".into(),
+            mac: "02:00:00:00:00".into(),
+            netns: None,
+        }];
+        assert_eq!(field_of(&c), "net.mac");
+        c.net[0].tap = "a/b".into();
+        assert_eq!(field_of(&c), "net.tap");
     }
 
     #[test]

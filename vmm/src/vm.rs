@@ -23,6 +23,7 @@ use crate::devices::legacy::{ResetPort, SerialPort};
 use crate::devices::virtio::block::{Block, BlockError};
 use crate::devices::virtio::fs::{FsError, VhostUserFs};
 use crate::devices::virtio::mmio::{MmioTransport, NOTIFY_OFFSET};
+use crate::devices::virtio::net::{Net, NetError};
 use crate::devices::virtio::vsock::Vsock;
 use crate::devices::virtio::{Interrupt, VirtioDevice};
 use crate::memory::{self, GuestMemory};
@@ -65,6 +66,8 @@ pub enum VmError {
     Fs(#[from] FsError),
     #[error(transparent)]
     Block(#[from] BlockError),
+    #[error(transparent)]
+    Net(#[from] NetError),
     #[error(transparent)]
     Bus(#[from] crate::devices::bus::Overlap),
 }
@@ -214,6 +217,11 @@ impl Vm {
         }
         for disk in &config.block {
             virtio.push(Box::new(Block::new(&disk.path, disk.read_only)?));
+        }
+        for net in &config.net {
+            // Validated with the config.
+            let mac = crate::devices::virtio::net::parse_mac(&net.mac).unwrap_or_default();
+            virtio.push(Box::new(Net::new(&net.tap, net.netns.as_ref(), mac)?));
         }
         for (i, device) in virtio.into_iter().enumerate() {
             let base = layout::VIRTIO_MMIO_BASE + i as u64 * layout::VIRTIO_MMIO_SIZE;

@@ -3,6 +3,7 @@
 pub mod block;
 pub mod fs;
 pub mod mmio;
+pub mod net;
 #[cfg(test)]
 pub mod testing;
 pub mod vsock;
@@ -14,6 +15,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::memory::GuestMemory;
 
 pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+pub const DEVICE_ID_NET: u32 = 1;
 pub const DEVICE_ID_BLOCK: u32 = 2;
 pub const DEVICE_ID_VSOCK: u32 = 19;
 pub const DEVICE_ID_FS: u32 = 26;
