@@ -89,7 +89,23 @@ fn main() -> ExitCode {
     }
 }
 
+/// Raises the soft open-file limit to the hard one: each vsock connection holds a socket.
+fn raise_fd_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit read and write the rlimit we own.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
+
 fn run(config: VmConfig) -> anyhow::Result<ExitReason> {
+    raise_fd_limit();
     let timing = std::env::var_os("HULL_VMM_TIMING").is_some();
     let vm = Vm::build(config).context("building the VM")?;
     let hook: Option<hull_vmm::vm::FirstRunHook> = timing.then(|| {

@@ -139,6 +139,14 @@ fn rules(kind: ThreadKind) -> BTreeMap<i64, Vec<SeccompRule>> {
     rules
 }
 
+/// Makes every thread allocate from the main malloc arena. glibc grows and shrinks a
+/// thread's own arena with calls no filter should allow (shrinking opens
+/// /proc/sys/vm/overcommit_memory); the main arena grows with brk and mmap.
+pub fn single_malloc_arena() {
+    // SAFETY: mallopt only sets a malloc tunable; called before filtered threads start.
+    unsafe { libc::mallopt(libc::M_ARENA_MAX, 1) };
+}
+
 /// Compiles the filter for `kind` (exposed for tests).
 pub fn program(kind: ThreadKind) -> Result<BpfProgram, SeccompError> {
     let filter = SeccompFilter::new(

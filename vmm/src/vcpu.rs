@@ -120,6 +120,12 @@ impl VcpuThread {
             }
             std::thread::sleep(Duration::from_millis(1));
         }
+        if !self.handle.is_finished() {
+            // Stuck outside KVM_RUN (a device call that never returns): leave it; the
+            // process exit ends it.
+            tracing::error!("a vCPU thread did not stop within 2 s; not waiting for it");
+            return;
+        }
         if self.handle.join().is_err() {
             tracing::error!("a vCPU thread panicked");
         }
@@ -173,6 +179,9 @@ fn run(
             ))),
             Ok(VcpuExit::SystemEvent(kind, _)) => Some(match kind {
                 kvm_bindings::KVM_SYSTEM_EVENT_RESET => ExitReason::Reset,
+                kvm_bindings::KVM_SYSTEM_EVENT_CRASH => {
+                    ExitReason::Crash(format!("vCPU {index}: the guest reported a crash"))
+                }
                 _ => ExitReason::Poweroff,
             }),
             Ok(other) => Some(ExitReason::Crash(format!(

@@ -146,6 +146,7 @@ impl Vm {
         let signals = SignalFd::with_flags(&mask, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK)
             .map_err(|e| io("creating a signalfd")(e.into()))?;
         install_kick_handler().map_err(io("installing the vCPU kick handler"))?;
+        seccomp::single_malloc_arena();
         seccomp::install_sigsys_handler().map_err(io("installing the SIGSYS handler"))?;
 
         let kvm = Kvm::new().map_err(VmError::Kvm)?;
@@ -213,7 +214,18 @@ impl Vm {
             virtio.push(Box::new(device));
         }
         for fs in &config.fs {
-            virtio.push(Box::new(VhostUserFs::new(&fs.tag, &fs.socket)?));
+            let exit = exit.clone();
+            let socket = fs.socket.display().to_string();
+            let gone = move || {
+                exit.set(ExitReason::Error(format!(
+                    "the virtio-fs backend at {socket} hung up: the guest lost its file system"
+                )))
+            };
+            virtio.push(Box::new(VhostUserFs::new(
+                &fs.tag,
+                &fs.socket,
+                Box::new(gone),
+            )?));
         }
         for disk in &config.block {
             virtio.push(Box::new(Block::new(&disk.path, disk.read_only)?));
@@ -290,7 +302,10 @@ impl Vm {
         watch(self.reset.as_raw_fd(), RESET).map_err(io("watching the reset event"))?;
         watch(self.signals.as_raw_fd(), SIGNAL).map_err(io("watching signals"))?;
         if self.config.serial.stdin {
-            watch(libc::STDIN_FILENO, STDIN).map_err(io("watching stdin"))?;
+            // A regular file or /dev/null cannot be watched (EPERM): no console input then.
+            if let Err(e) = watch(libc::STDIN_FILENO, STDIN) {
+                tracing::warn!("serial input from stdin: {e}; the console takes no input");
+            }
         }
 
         let mut threads = Vec::with_capacity(self.vcpus.len());
@@ -341,6 +356,12 @@ impl Vm {
                         let n = unsafe {
                             libc::read(libc::STDIN_FILENO, buf.as_mut_ptr().cast(), buf.len())
                         };
+                        let interrupted = n < 0
+                            && std::io::Error::last_os_error().kind()
+                                == std::io::ErrorKind::Interrupted;
+                        if interrupted {
+                            continue;
+                        }
                         if n <= 0 {
                             let _ = epoll.ctl(
                                 ControlOperation::Delete,

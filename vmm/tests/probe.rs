@@ -272,6 +272,49 @@ fn probe_gets_a_fuse_init_reply_from_virtiofsd_over_vhost_user() {
 }
 
 #[test]
+fn a_virtio_fs_backend_that_dies_ends_the_vm_with_an_error() {
+    let dir = TestDir::new("probe-fs-dies");
+    let share = dir.path("share");
+    std::fs::create_dir(&share).unwrap();
+    let socket = dir.path("fs.sock");
+    let mut virtiofsd = std::process::Command::new(virtiofsd())
+        .arg(format!("--socket-path={}", socket.display()))
+        .arg(format!("--shared-dir={}", share.display()))
+        .args(["--sandbox=none"])
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !socket.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "virtiofsd made no socket"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let config = dir.config(&VmSpec {
+        kernel: probe(),
+        cmdline: "probe.fs=1 probe.end=halt".into(),
+        memory_mib: 64,
+        extra: Some(serde_json::json!({"fs": [{"tag": "t", "socket": socket}]})),
+        ..Default::default()
+    });
+    let mut vmm = Vmm::start(&config);
+    vmm.wait_console(&dir.console(), Duration::from_secs(30), |c| {
+        c.contains("HULL-PROBE done")
+    });
+    virtiofsd.kill().unwrap();
+    virtiofsd.wait().unwrap();
+    assert_eq!(vmm.wait(Duration::from_secs(10)), Some(1));
+    let err = vmm.stderr();
+    assert!(
+        err.contains("virtio-fs backend") && err.contains("hung up"),
+        "{err}"
+    );
+}
+
+#[test]
 fn a_vhost_user_socket_nobody_serves_fails_before_the_guest_runs() {
     let dir = TestDir::new("probe-fs-dead");
     let socket = dir.path("fs.sock");

@@ -18,6 +18,7 @@ impl DeviceThread {
     pub fn spawn(name: &str) -> std::io::Result<Self> {
         // A syscall the filter lacks then names itself instead of killing silently.
         seccomp::install_sigsys_handler()?;
+        seccomp::single_malloc_arena();
         let (jobs, queue) = mpsc::channel::<Job>();
         let handle = std::thread::Builder::new()
             .name(name.into())

@@ -47,12 +47,45 @@ pub struct VhostUserFs {
     thread: DeviceThread,
     /// While active: the relay's stop event and its end.
     relay: Option<(EventFd, mpsc::Receiver<()>)>,
+    on_gone: Arc<dyn Fn() + Send + Sync>,
+}
+
+/// How long one vhost-user exchange may take.
+const BACKEND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+fn set_socket_timeouts(fd: std::os::fd::RawFd, limit: std::time::Duration) -> std::io::Result<()> {
+    let tv = libc::timeval {
+        tv_sec: limit.as_secs() as libc::time_t,
+        tv_usec: 0,
+    };
+    for opt in [libc::SO_RCVTIMEO, libc::SO_SNDTIMEO] {
+        // SAFETY: setsockopt reads a timeval of the size we pass.
+        let rc = unsafe {
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                opt,
+                (&tv as *const libc::timeval).cast(),
+                std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
 }
 
 impl VhostUserFs {
     /// Connects to the backend now (so a missing virtiofsd fails the VM before it boots)
     /// and learns what it offers.
-    pub fn new(tag: &str, socket: &Path) -> Result<Self, FsError> {
+    /// `on_gone` runs (on the device thread) if the backend hangs up while the device is
+    /// live: the guest's file system is gone, so the VM should end.
+    pub fn new(
+        tag: &str,
+        socket: &Path,
+        on_gone: Box<dyn Fn() + Send + Sync>,
+    ) -> Result<Self, FsError> {
         if tag.is_empty() || tag.len() > MAX_TAG {
             return Err(FsError::Tag(tag.into()));
         }
@@ -67,6 +100,9 @@ impl VhostUserFs {
                     source,
                 }
             })?;
+        // A backend that stops answering fails the call instead of hanging the VMM.
+        set_socket_timeouts(frontend.as_raw_fd(), BACKEND_TIMEOUT)
+            .map_err(|e| backend(vhost::Error::IOError(e)))?;
         frontend.set_owner().map_err(backend)?;
         let backend_features = frontend.get_features().map_err(backend)?;
         let protocol_features =
@@ -89,6 +125,7 @@ impl VhostUserFs {
             thread: DeviceThread::spawn("virtio-fs")
                 .map_err(|e| backend(vhost::Error::IOError(e)))?,
             relay: None,
+            on_gone: Arc::from(on_gone),
         })
     }
 
@@ -226,9 +263,12 @@ impl VirtioDevice for VhostUserFs {
             )?;
         }
         let socket = self.socket.clone();
+        let on_gone = self.on_gone.clone();
         let (ended, relay_ended) = mpsc::channel();
         self.thread.submit(move || {
-            relay_calls(epoll, calls, interrupt, socket);
+            if !relay_calls(epoll, calls, interrupt, socket) {
+                on_gone();
+            }
             let _ = ended.send(());
         })?;
         self.relay = Some((stop, relay_ended));
@@ -253,9 +293,14 @@ impl VirtioDevice for VhostUserFs {
 }
 
 /// Turns the backend's "used ring moved" eventfds into our interrupt. A backend that
-/// hangs up is logged and ends the relay; the guest's pending requests stay unanswered
-/// (the VMM itself is unaffected).
-fn relay_calls(epoll: Epoll, calls: Vec<EventFd>, interrupt: Arc<Interrupt>, socket: PathBuf) {
+/// hangs up ends the relay (and, through `on_gone`, the VM).
+/// Returns false when the backend hung up, true when told to stop.
+fn relay_calls(
+    epoll: Epoll,
+    calls: Vec<EventFd>,
+    interrupt: Arc<Interrupt>,
+    socket: PathBuf,
+) -> bool {
     let mut events = vec![EpollEvent::default(); 4];
     loop {
         let n = match epoll.wait(-1, &mut events) {
@@ -263,18 +308,18 @@ fn relay_calls(epoll: Epoll, calls: Vec<EventFd>, interrupt: Arc<Interrupt>, soc
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(e) => {
                 tracing::error!("virtio-fs: epoll: {e}");
-                return;
+                return false;
             }
         };
         for event in &events[..n] {
             match event.data() {
-                0 => return,
+                0 => return true,
                 1 => {
                     tracing::error!(
                         "virtio-fs: the backend at {} hung up; the file system is gone",
                         socket.display()
                     );
-                    return;
+                    return false;
                 }
                 token => {
                     if let Some(call) = calls.get((token - 2) as usize) {

@@ -109,6 +109,9 @@ impl MmioTransport {
             0x060 => self.interrupt.status(),
             0x070 => self.status,
             0x0fc => self.config_generation,
+            // Shared memory regions: none. Length and base read as all ones ("no such
+            // region"); zero would describe a region at address 0.
+            0x0b0..=0x0bc => u32::MAX,
             _ => {
                 tracing::debug!("virtio-mmio: read of unknown register {offset:#x}");
                 0
@@ -138,7 +141,7 @@ impl MmioTransport {
             0x030 => self.queue_select = value,
             0x038 | 0x044 | 0x080 | 0x084 | 0x090 | 0x094 | 0x0a0 | 0x0a4 => {
                 if !self.queue_config_allowed() {
-                    tracing::warn!(
+                    tracing::debug!(
                         "virtio-mmio: queue register {offset:#x} written in status {:#x}: ignored",
                         self.status
                     );
@@ -177,7 +180,7 @@ impl MmioTransport {
         }
         let added = value & !self.status;
         if value & self.status != self.status {
-            tracing::warn!(
+            tracing::debug!(
                 "virtio-mmio: driver cleared status bits ({:#x} -> {value:#x}) without a reset",
                 self.status
             );
@@ -189,7 +192,7 @@ impl MmioTransport {
                 || self.driver_features & VIRTIO_F_VERSION_1 == 0
             {
                 // Not set: the driver reads the status back and gives up.
-                tracing::warn!(
+                tracing::debug!(
                     "virtio-mmio: driver features {:#x} not a subset of {offered:#x} with VERSION_1",
                     self.driver_features
                 );
@@ -352,6 +355,7 @@ mod tests {
         assert_eq!(read32(&mut t, 0x000), MAGIC);
         assert_eq!(read32(&mut t, 0x004), 2);
         assert_eq!(read32(&mut t, 0x008), 42);
+        assert_eq!(read32(&mut t, 0x0b0), u32::MAX, "no shared memory region");
         assert_eq!(read32(&mut t, 0x010), 1 << 3);
         write32(&mut t, 0x014, 1);
         assert_eq!(read32(&mut t, 0x010), 1, "VERSION_1 in the high word");

@@ -36,6 +36,9 @@ pub const BUF_ALLOC: u32 = 256 * 1024;
 const MAX_CONNECTIONS: usize = 1024;
 const MAX_PENDING_HOST: usize = 64;
 const MAX_CONNECT_LINE: usize = 32;
+/// Most control packets waiting for rx buffers; past it the tx queue is left alone until
+/// the guest gives rx buffers back (so a guest cannot grow the backlog without bound).
+const MAX_CONTROL: usize = 2 * QUEUE_SIZE as usize;
 const QUEUE_SIZE: u16 = 256;
 
 pub const TYPE_STREAM: u16 = 1;
@@ -140,10 +143,8 @@ impl Vsock {
     fn stop_worker(&mut self) {
         if let Some((stop, back)) = self.worker.take() {
             let _ = stop.write(1);
-            match back.recv() {
-                Ok(listener) => self.listener = Some(listener),
-                Err(_) => tracing::error!("the vsock worker ended without its listener"),
-            }
+            // The worker's handle on the listener ends with it.
+            let _ = back.recv();
         }
     }
 }
@@ -183,10 +184,16 @@ impl VirtioDevice for Vsock {
         let [(rx, rx_evt), (tx, tx_evt), (_, ev_evt)]: [(Queue, EventFd); 3] = queues
             .try_into()
             .map_err(|_| ActivateError::Queues { got, want: 3 })?;
+        if self.worker.is_some() {
+            return Err(std::io::Error::other("the vsock device is already running").into());
+        }
+        // The worker gets its own handle: ours stays for the next activation whatever
+        // happens to this one.
         let listener = self
             .listener
-            .take()
-            .ok_or_else(|| std::io::Error::other("the vsock device is already running"))?;
+            .as_ref()
+            .ok_or_else(|| std::io::Error::other("the vsock listener is gone"))?
+            .try_clone()?;
         let stop = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?;
         let worker = Worker::new(
             mem,
@@ -230,6 +237,10 @@ struct Conn {
     last_fwd_cnt_sent: u32,
     /// Guest bytes the host stream has not taken yet (bounded by BUF_ALLOC).
     to_host: Vec<u8>,
+    /// Bytes at the head of `to_host` that are ours (the `OK` line), not guest data.
+    not_forwarded: usize,
+    /// The guest shut both directions: deliver `to_host`, then reset.
+    closing: bool,
     /// Host bytes read before the guest accepted (after the CONNECT line).
     to_guest: Vec<u8>,
     guest_shut_send: bool,
@@ -250,6 +261,8 @@ impl Conn {
             fwd_cnt: 0,
             last_fwd_cnt_sent: 0,
             to_host: Vec::new(),
+            not_forwarded: 0,
+            closing: false,
             to_guest: Vec::new(),
             guest_shut_send: false,
             guest_shut_rcv: false,
@@ -297,6 +310,11 @@ struct Worker {
     next_host_port: u32,
     used: bool,
     scratch: Vec<u8>,
+    /// The tx queue was left with packets in it because `control` was full.
+    tx_stalled: bool,
+    /// The listener is out of epoll (accept failed, e.g. out of fds) until a
+    /// connection closes.
+    listener_paused: bool,
 }
 
 impl Worker {
@@ -342,6 +360,8 @@ impl Worker {
             next_host_port: 1 << 30,
             used: false,
             scratch: vec![0; MAX_PAYLOAD as usize],
+            tx_stalled: false,
+            listener_paused: false,
         })
     }
 
@@ -381,6 +401,10 @@ impl Worker {
                 }
             }
             self.flush_rx();
+            if self.tx_stalled {
+                self.process_tx();
+                self.flush_rx();
+            }
             self.notify();
         }
     }
@@ -430,7 +454,10 @@ impl Worker {
             && !conn.guest_shut_rcv
             && conn.peer_credit() > 0
             && !self.ready.contains(&key);
-        if can_read || !conn.established {
+        if !conn.established {
+            // Bytes the host sends early wait in the socket; only a hang-up matters now.
+            want |= EventSet::READ_HANG_UP;
+        } else if can_read && !conn.closing {
             want |= EventSet::IN;
         }
         if !conn.to_host.is_empty() {
@@ -459,7 +486,15 @@ impl Worker {
                 Err(e) if e.kind() == ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
                 Err(e) => {
-                    tracing::warn!("vsock: accept on {}: {e}", self.uds.display());
+                    // Out of fds, most likely: stop watching until a connection closes,
+                    // rather than spin on a listener that stays readable.
+                    tracing::warn!("vsock: accept on {}: {e}; paused", self.uds.display());
+                    self.watch(
+                        self.listener.as_raw_fd(),
+                        ControlOperation::Delete,
+                        EventSet::empty(),
+                    );
+                    self.listener_paused = true;
                     return;
                 }
             }
@@ -476,7 +511,8 @@ impl Worker {
                 };
                 if !conn.established {
                     // The host gave up before the guest answered.
-                    if set.intersects(EventSet::HANG_UP | EventSet::ERROR | EventSet::IN) {
+                    if set.intersects(EventSet::HANG_UP | EventSet::ERROR | EventSet::READ_HANG_UP)
+                    {
                         self.reset_conn(key);
                     }
                     return;
@@ -517,6 +553,7 @@ impl Worker {
             return;
         };
         self.watch(fd, ControlOperation::Delete, EventSet::empty());
+        self.resume_listener();
         let (Some(port), Some(newline)) = (port, newline) else {
             tracing::warn!("vsock: host connection without a valid `CONNECT <port>` line: closed");
             return;
@@ -549,7 +586,15 @@ impl Worker {
 
     /// Takes every packet the guest queued on tx.
     fn process_tx(&mut self) {
-        while let Some(chain) = self.tx.pop_descriptor_chain(&self.mem) {
+        self.tx_stalled = false;
+        loop {
+            if self.control.len() >= MAX_CONTROL {
+                self.tx_stalled = true;
+                return;
+            }
+            let Some(chain) = self.tx.pop_descriptor_chain(&self.mem) else {
+                return;
+            };
             let head = chain.head_index();
             let packet = chain
                 .reader(&self.mem)
@@ -561,14 +606,14 @@ impl Worker {
             self.used = true;
             match packet {
                 Ok((header, len)) => self.handle_packet(header, len),
-                Err(why) => tracing::warn!("vsock: dropped a malformed tx packet: {why}"),
+                Err(why) => tracing::debug!("vsock: dropped a malformed tx packet: {why}"),
             }
         }
     }
 
     fn handle_packet(&mut self, h: Header, len: usize) {
         if h.src_cid != self.cid || h.dst_cid != HOST_CID {
-            tracing::warn!(
+            tracing::debug!(
                 "vsock: dropped a packet from cid {} to cid {} (guest is {}, host is {HOST_CID})",
                 h.src_cid,
                 h.dst_cid,
@@ -602,16 +647,19 @@ impl Worker {
             OP_RESPONSE if !conn.established => {
                 conn.established = true;
                 let ok = format!("OK {}\n", key.host_port);
-                // A few bytes on a fresh stream: queued behind nothing.
+                // A few bytes on a fresh stream, queued behind nothing and not counted
+                // as forwarded guest data.
                 conn.to_host.extend_from_slice(ok.as_bytes());
-                if !conn.to_guest.is_empty() {
+                conn.not_forwarded += ok.len();
+                // The host may have sent bytes while it waited.
+                if !self.ready.contains(&key) {
                     self.ready.push_back(key);
                 }
                 self.write_to_host(key);
             }
             OP_RW if conn.established && !conn.guest_shut_send => {
                 if conn.to_host.len() + len > BUF_ALLOC as usize {
-                    tracing::warn!(
+                    tracing::debug!(
                         "vsock: guest overran its credit on port {}: reset",
                         key.guest_port
                     );
@@ -622,13 +670,17 @@ impl Worker {
                 self.write_to_host(key);
             }
             OP_CREDIT_UPDATE => {}
-            OP_CREDIT_REQUEST => self.control.push_back((key, OP_CREDIT_UPDATE, 0)),
+            OP_CREDIT_REQUEST => self.queue_credit_update(key),
             OP_SHUTDOWN if conn.established => {
                 conn.guest_shut_send |= h.flags & SHUTDOWN_SEND != 0;
                 conn.guest_shut_rcv |= h.flags & SHUTDOWN_RCV != 0;
                 if conn.guest_shut_send && conn.guest_shut_rcv {
-                    self.reset_conn(key);
-                    return;
+                    if conn.to_host.is_empty() {
+                        self.reset_conn(key);
+                        return;
+                    }
+                    // Deliver what the guest sent before closing; reset after.
+                    conn.closing = true;
                 }
                 if conn.guest_shut_send && conn.to_host.is_empty() {
                     let _ = conn.stream.shutdown(std::net::Shutdown::Write);
@@ -678,9 +730,9 @@ impl Worker {
                 Ok(0) => break,
                 Ok(n) => {
                     conn.to_host.drain(..n);
-                    if conn.established {
-                        conn.fwd_cnt = conn.fwd_cnt.wrapping_add(n as u32);
-                    }
+                    let ours = n.min(conn.not_forwarded);
+                    conn.not_forwarded -= ours;
+                    conn.fwd_cnt = conn.fwd_cnt.wrapping_add((n - ours) as u32);
                 }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
@@ -690,15 +742,35 @@ impl Worker {
                 }
             }
         }
-        // The `OK` line is not guest data: it was not counted, and is never more than
-        // the first bytes, so counting from here on is exact.
+        if conn.to_host.is_empty() && conn.closing {
+            let _ = conn.stream.shutdown(std::net::Shutdown::Write);
+            self.reset_conn(key);
+            return;
+        }
         if conn.to_host.is_empty() && conn.guest_shut_send {
             let _ = conn.stream.shutdown(std::net::Shutdown::Write);
         }
         if conn.fwd_cnt.wrapping_sub(conn.last_fwd_cnt_sent) >= BUF_ALLOC / 4 {
-            self.control.push_back((key, OP_CREDIT_UPDATE, 0));
+            self.queue_credit_update(key);
         }
         self.rearm(key);
+    }
+
+    /// Queues one credit update for `key` (not another while one waits).
+    fn queue_credit_update(&mut self, key: ConnKey) {
+        if !self.control.contains(&(key, OP_CREDIT_UPDATE, 0)) {
+            self.control.push_back((key, OP_CREDIT_UPDATE, 0));
+        }
+    }
+
+    fn resume_listener(&mut self) {
+        if std::mem::take(&mut self.listener_paused) {
+            self.watch(
+                self.listener.as_raw_fd(),
+                ControlOperation::Add,
+                EventSet::IN,
+            );
+        }
     }
 
     fn remove_conn(&mut self, key: ConnKey) {
@@ -707,6 +779,7 @@ impl Worker {
             self.slots.remove(&conn.stream.as_raw_fd());
         }
         self.ready.retain(|k| *k != key);
+        self.resume_listener();
     }
 
     /// Drops the connection and tells the guest.
@@ -749,7 +822,7 @@ impl Worker {
             let mut writer = match chain.writer(&mem) {
                 Ok(w) if w.available_bytes() >= HEADER_LEN => w,
                 other => {
-                    tracing::warn!(
+                    tracing::debug!(
                         "vsock: unusable rx buffer ({}): returned empty",
                         other.map_or("bad descriptor chain".into(), |w| format!(
                             "{} bytes",
@@ -761,6 +834,13 @@ impl Worker {
                 }
             };
             let room = (writer.available_bytes() - HEADER_LEN).min(MAX_PAYLOAD as usize);
+            if room == 0 && self.control.is_empty() {
+                // A buffer that holds a header only cannot carry data: keep it for a
+                // control packet and stop here.
+                let next = self.rx.next_avail().wrapping_sub(1);
+                self.rx.set_next_avail(next);
+                return;
+            }
             let packet = match self.control.pop_front() {
                 Some((key, op, flags)) => Some((self.header_for(key, op, flags, 0), 0)),
                 None => self.next_data_packet(room),
@@ -817,8 +897,13 @@ impl Worker {
             };
             match read {
                 Ok(0) => {
+                    // The host will send no more; the guest may still send (half-close).
                     conn.host_eof = true;
-                    let header = self.header_for(key, OP_SHUTDOWN, SHUTDOWN_RCV | SHUTDOWN_SEND, 0);
+                    if conn.guest_shut_send && conn.to_host.is_empty() {
+                        self.remove_conn(key);
+                        return Some((self.header_for(key, OP_RST, 0, 0), 0));
+                    }
+                    let header = self.header_for(key, OP_SHUTDOWN, SHUTDOWN_SEND, 0);
                     self.rearm(key);
                     return Some((header, 0));
                 }
