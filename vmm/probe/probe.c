@@ -265,6 +265,7 @@ static struct {
 	u32 vsock_port;
 	bool fs;	/* probe.fs=1 */
 	bool end_halt;	/* probe.end=halt */
+	bool end_triple;	/* probe.end=triple-fault */
 } opts;
 
 /* A piece of the command line: p[0..len). */
@@ -426,8 +427,10 @@ static void parse_cmdline(void)
 				opts.end_halt = true;
 			else if (slice_is(tok, "reset"))
 				opts.end_halt = false;
+			else if (slice_is(tok, "triple-fault"))
+				opts.end_triple = true;
 			else
-				fail("cmdline bad probe.end (want halt or reset)");
+				fail("cmdline bad probe.end (want halt, reset or triple-fault)");
 		}
 	}
 }
@@ -1484,10 +1487,18 @@ static void discover_virtio(struct virtio_dev *vsock_dev, struct virtio_dev *fs_
 	}
 }
 
-/* Resets the machine through the i8042 (or halts with probe.end=halt). */
+/* Resets the machine through the i8042 (or halts with probe.end=halt, or crashes the
+ * CPU with probe.end=triple-fault: an empty IDT makes the breakpoint unhandleable). */
 static void __attribute__((noreturn)) finish(void)
 {
 	say("done");
+	if (opts.end_triple) {
+		static const struct __attribute__((packed)) {
+			u16 limit;
+			u64 base;
+		} empty_idt = { 0, 0 };
+		__asm__ volatile("lidt %0; int3" : : "m"(empty_idt) : "memory");
+	}
 	if (!opts.end_halt)
 		outb(0x64, 0xfe); /* i8042: pulse the CPU reset line */
 	halt_forever();

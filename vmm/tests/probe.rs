@@ -336,3 +336,23 @@ fn a_vhost_user_socket_nobody_serves_fails_before_the_guest_runs() {
         .unwrap_or_default()
         .contains("HULL-PROBE"));
 }
+
+#[test]
+fn a_triple_fault_is_reported_as_a_crash() {
+    let dir = TestDir::new("probe-triple");
+    let config = dir.config(&VmSpec {
+        kernel: probe(),
+        cmdline: "probe.end=triple-fault".into(),
+        memory_mib: 64,
+        ..Default::default()
+    });
+    let mut vmm = Vmm::start(&config);
+    assert_eq!(vmm.wait(Duration::from_secs(30)), Some(3));
+    let err = vmm.stderr();
+    // Hardware KVM reports KVM_EXIT_SHUTDOWN; PVM fails in its instruction emulator.
+    assert!(
+        err.contains("guest crashed")
+            && (err.contains("triple-faulted") || err.contains("KVM internal error")),
+        "{err}"
+    );
+}
