@@ -12,7 +12,7 @@ say() { echo "setup: $*" >&2; }
 packages=(linux-source-6.1 build-essential bc flex bison libelf-dev libssl-dev cpio file
           qemu-system-x86 busybox-static runc libcap-ng-dev libseccomp-dev pkg-config xz-utils
           podman conmon crun catatonit containernetworking-plugins containerd python3
-          protobuf-compiler)
+          protobuf-compiler iproute2)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f '${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
@@ -46,11 +46,13 @@ else
     agent=target/x86_64-unknown-linux-gnu/release/hull-agent
 fi
 cargo build --release --quiet -p hull-shim --bin hull --bin containerd-shim-hull-v2
+cargo build --release --quiet -p hull-vmm --bin hull-vmm
 
 mkdir -p "$lib"
 guest-kernel-config/build-initramfs.sh "$agent" "$lib/initramfs.cpio" >/dev/null
 cp "$kernel" "$lib/vmlinux.tmp" && mv "$lib/vmlinux.tmp" "$lib/vmlinux"
 ln -sf "$root/target/release/hull" /usr/local/bin/hull
+ln -sf "$root/target/release/hull-vmm" /usr/local/bin/hull-vmm
 # containerd finds its shims on its PATH.
 ln -sf "$root/target/release/containerd-shim-hull-v2" /usr/local/bin/containerd-shim-hull-v2
 

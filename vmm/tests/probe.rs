@@ -204,13 +204,12 @@ fn virtiofsd() -> PathBuf {
         .expect("virtiofsd is not installed: run scripts/setup.sh")
 }
 
-#[test]
-fn probe_gets_a_fuse_init_reply_from_virtiofsd_over_vhost_user() {
-    let dir = TestDir::new("probe-fs");
+/// virtiofsd serving `<dir>/share` on `<dir>/fs.sock`, once its socket is there.
+fn start_virtiofsd(dir: &TestDir) -> (std::process::Child, PathBuf) {
     let share = dir.path("share");
     std::fs::create_dir(&share).unwrap();
     let socket = dir.path("fs.sock");
-    let mut virtiofsd = std::process::Command::new(virtiofsd())
+    let child = std::process::Command::new(virtiofsd())
         .arg(format!("--socket-path={}", socket.display()))
         .arg(format!("--shared-dir={}", share.display()))
         .args(["--sandbox=none", "--cache=auto"])
@@ -226,6 +225,13 @@ fn probe_gets_a_fuse_init_reply_from_virtiofsd_over_vhost_user() {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
+    (child, socket)
+}
+
+#[test]
+fn probe_gets_a_fuse_init_reply_from_virtiofsd_over_vhost_user() {
+    let dir = TestDir::new("probe-fs");
+    let (mut virtiofsd, socket) = start_virtiofsd(&dir);
     let config = dir.config(&VmSpec {
         kernel: probe(),
         cmdline: "probe.fs=1".into(),
@@ -274,25 +280,7 @@ fn probe_gets_a_fuse_init_reply_from_virtiofsd_over_vhost_user() {
 #[test]
 fn a_virtio_fs_backend_that_dies_ends_the_vm_with_an_error() {
     let dir = TestDir::new("probe-fs-dies");
-    let share = dir.path("share");
-    std::fs::create_dir(&share).unwrap();
-    let socket = dir.path("fs.sock");
-    let mut virtiofsd = std::process::Command::new(virtiofsd())
-        .arg(format!("--socket-path={}", socket.display()))
-        .arg(format!("--shared-dir={}", share.display()))
-        .args(["--sandbox=none"])
-        .stdin(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while !socket.exists() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "virtiofsd made no socket"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let (mut virtiofsd, socket) = start_virtiofsd(&dir);
     let config = dir.config(&VmSpec {
         kernel: probe(),
         cmdline: "probe.fs=1 probe.end=halt".into(),

@@ -3,7 +3,6 @@
 //! VM's log; see vmm/src/config.rs for the fields.
 
 use std::path::{Path, PathBuf};
-use std::process::ExitStatus;
 
 use super::{Hypervisor, HypervisorError, VmConfig, VmmProcess};
 
@@ -50,20 +49,12 @@ impl Hypervisor for HullVmm {
         self.process.spawn(&self.program, &args, &vm.log)
     }
 
-    fn pid(&self) -> Option<u32> {
-        self.process.pid()
+    fn process(&self) -> &VmmProcess {
+        &self.process
     }
 
-    fn try_wait(&mut self) -> Result<Option<ExitStatus>, HypervisorError> {
-        self.process.try_wait()
-    }
-
-    fn wait(&mut self) -> Result<ExitStatus, HypervisorError> {
-        self.process.wait()
-    }
-
-    fn stop(&mut self) {
-        self.process.stop()
+    fn process_mut(&mut self) -> &mut VmmProcess {
+        &mut self.process
     }
 
     fn describe(&self) -> String {

@@ -50,14 +50,25 @@ pub enum HypervisorError {
 pub trait Hypervisor: Send {
     /// Starts the VM; returns once the VMM process runs (not once the guest booted).
     fn start(&mut self, vm: &VmConfig) -> Result<(), HypervisorError>;
+    /// The VMM process (both backends run one the same way).
+    fn process(&self) -> &VmmProcess;
+    fn process_mut(&mut self) -> &mut VmmProcess;
     /// The VMM's pid, once started.
-    fn pid(&self) -> Option<u32>;
+    fn pid(&self) -> Option<u32> {
+        self.process().pid()
+    }
     /// The VMM's exit status if it has exited.
-    fn try_wait(&mut self) -> Result<Option<ExitStatus>, HypervisorError>;
+    fn try_wait(&mut self) -> Result<Option<ExitStatus>, HypervisorError> {
+        self.process_mut().try_wait()
+    }
     /// Waits for the VMM to exit.
-    fn wait(&mut self) -> Result<ExitStatus, HypervisorError>;
+    fn wait(&mut self) -> Result<ExitStatus, HypervisorError> {
+        self.process_mut().wait()
+    }
     /// Kills the VMM (if still running) and reaps it.
-    fn stop(&mut self);
+    fn stop(&mut self) {
+        self.process_mut().stop()
+    }
     /// One line for people: backend and acceleration, and why.
     fn describe(&self) -> String;
     /// Whether the VMM serves vsock itself (no vhost-device-vsock needed).

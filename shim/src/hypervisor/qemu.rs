@@ -1,7 +1,7 @@
 //! QEMU `microvm` as a backend: virtio-mmio devices only, no PCI, no ACPI, no firmware.
 
 use std::os::unix::process::CommandExt;
-use std::process::{Child, Command, ExitStatus};
+use std::process::{Child, Command};
 
 use super::accel::Accel;
 use super::{Hypervisor, HypervisorError, VmConfig, VmmProcess};
@@ -93,20 +93,12 @@ impl Hypervisor for Qemu {
         self.process.spawn(&self.program, &self.args(vm), &vm.log)
     }
 
-    fn pid(&self) -> Option<u32> {
-        self.process.pid()
+    fn process(&self) -> &VmmProcess {
+        &self.process
     }
 
-    fn try_wait(&mut self) -> Result<Option<ExitStatus>, HypervisorError> {
-        self.process.try_wait()
-    }
-
-    fn wait(&mut self) -> Result<ExitStatus, HypervisorError> {
-        self.process.wait()
-    }
-
-    fn stop(&mut self) {
-        self.process.stop()
+    fn process_mut(&mut self) -> &mut VmmProcess {
+        &mut self.process
     }
 
     fn describe(&self) -> String {

@@ -5,6 +5,8 @@
 use std::sync::mpsc;
 use std::thread::JoinHandle;
 
+use vmm_sys_util::eventfd::EventFd;
+
 use crate::seccomp::{self, ThreadKind};
 
 type Job = Box<dyn FnOnce() + Send>;
@@ -45,6 +47,24 @@ impl DeviceThread {
             .ok_or_else(|| std::io::Error::other("the device thread is gone"))
     }
 
+    /// Starts a long-running job (a device's event loop) that returns once `stop`, which
+    /// it must watch, becomes readable. Dropping the handle stops it and waits.
+    pub fn start(
+        &self,
+        stop: EventFd,
+        job: impl FnOnce() + Send + 'static,
+    ) -> std::io::Result<Running> {
+        let (ended, has_ended) = mpsc::channel();
+        self.submit(move || {
+            job();
+            let _ = ended.send(());
+        })?;
+        Ok(Running {
+            stop,
+            ended: has_ended,
+        })
+    }
+
     /// Runs `job` on the thread and waits for its result.
     pub fn run<T: Send + 'static>(
         &self,
@@ -56,6 +76,20 @@ impl DeviceThread {
         })?;
         rx.recv()
             .map_err(|_| std::io::Error::other("the device thread ended before answering"))
+    }
+}
+
+/// A job [`DeviceThread::start`]ed: dropping it tells the job to stop and waits until it
+/// has (a device's handle must be dropped before its thread).
+pub struct Running {
+    stop: EventFd,
+    ended: mpsc::Receiver<()>,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.stop.write(1);
+        let _ = self.ended.recv();
     }
 }
 

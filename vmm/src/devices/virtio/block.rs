@@ -8,14 +8,14 @@ use std::io::{ErrorKind, Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::sync::{mpsc, Arc};
+use std::sync::Arc;
 
 use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{read_config_bytes, ActivateError, Interrupt, VirtioDevice, DEVICE_ID_BLOCK};
-use crate::devices::thread::DeviceThread;
+use crate::devices::thread::{DeviceThread, Running};
 use crate::memory::GuestMemory;
 
 pub const SECTOR: u64 = 512;
@@ -49,8 +49,9 @@ pub struct Block {
     sectors: u64,
     id: [u8; ID_LEN],
     config: [u8; 8],
+    /// The running request loop (declared before the thread: dropped first).
+    worker: Option<Running>,
     thread: DeviceThread,
-    worker: Option<(EventFd, mpsc::Receiver<()>)>,
 }
 
 impl Block {
@@ -80,22 +81,9 @@ impl Block {
             sectors,
             id,
             config: sectors.to_le_bytes(),
-            thread: DeviceThread::spawn("virtio-blk").map_err(err)?,
             worker: None,
+            thread: DeviceThread::spawn("virtio-blk").map_err(err)?,
         })
-    }
-
-    fn stop_worker(&mut self) {
-        if let Some((stop, ended)) = self.worker.take() {
-            let _ = stop.write(1);
-            let _ = ended.recv();
-        }
-    }
-}
-
-impl Drop for Block {
-    fn drop(&mut self) {
-        self.stop_worker();
     }
 }
 
@@ -145,8 +133,7 @@ impl VirtioDevice for Block {
             sectors: self.sectors,
             id: self.id,
         };
-        let (ended, worker_ended) = mpsc::channel();
-        self.thread.submit(move || {
+        self.worker = Some(self.thread.start(stop, move || {
             let mut queue = queue;
             let mut events = [EpollEvent::default(); 2];
             'serve: loop {
@@ -169,14 +156,12 @@ impl VirtioDevice for Block {
                     let _ = kick.read();
                 }
             }
-            let _ = ended.send(());
-        })?;
-        self.worker = Some((stop, worker_ended));
+        })?);
         Ok(())
     }
 
     fn reset(&mut self) {
-        self.stop_worker();
+        self.worker = None;
     }
 }
 

@@ -5,7 +5,7 @@
 
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::sync::{mpsc, Arc};
+use std::sync::Arc;
 
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost::vhost_user::{Frontend, VhostUserFrontend, VhostUserVirtioFeatures};
@@ -16,7 +16,7 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{ActivateError, Interrupt, VirtioDevice, DEVICE_ID_FS};
-use crate::devices::thread::DeviceThread;
+use crate::devices::thread::{DeviceThread, Running};
 use crate::memory::GuestMemory;
 
 /// Longest tag (virtio-fs config space holds 36 bytes, NUL-padded).
@@ -43,10 +43,10 @@ pub struct VhostUserFs {
     config: Vec<u8>,
     backend_features: u64,
     protocol_features: bool,
+    /// While active: the interrupt relay (declared before the thread: dropped first).
+    relay: Option<Running>,
     /// Talks to the backend and relays its interrupts, off the vCPU threads.
     thread: DeviceThread,
-    /// While active: the relay's stop event and its end.
-    relay: Option<(EventFd, mpsc::Receiver<()>)>,
     on_gone: Arc<dyn Fn() + Send + Sync>,
 }
 
@@ -122,18 +122,11 @@ impl VhostUserFs {
             config,
             backend_features,
             protocol_features,
+            relay: None,
             thread: DeviceThread::spawn("virtio-fs")
                 .map_err(|e| backend(vhost::Error::IOError(e)))?,
-            relay: None,
             on_gone: Arc::from(on_gone),
         })
-    }
-
-    fn stop_relay(&mut self) {
-        if let Some((stop, ended)) = self.relay.take() {
-            let _ = stop.write(1);
-            let _ = ended.recv();
-        }
     }
 }
 
@@ -184,12 +177,6 @@ fn setup_backend(
         }
     }
     Ok(())
-}
-
-impl Drop for VhostUserFs {
-    fn drop(&mut self) {
-        self.stop_relay();
-    }
 }
 
 impl VirtioDevice for VhostUserFs {
@@ -264,19 +251,16 @@ impl VirtioDevice for VhostUserFs {
         }
         let socket = self.socket.clone();
         let on_gone = self.on_gone.clone();
-        let (ended, relay_ended) = mpsc::channel();
-        self.thread.submit(move || {
+        self.relay = Some(self.thread.start(stop, move || {
             if !relay_calls(epoll, calls, interrupt, socket) {
                 on_gone();
             }
-            let _ = ended.send(());
-        })?;
-        self.relay = Some((stop, relay_ended));
+        })?);
         Ok(())
     }
 
     fn reset(&mut self) {
-        self.stop_relay();
+        self.relay = None;
         // GET_VRING_BASE stops each ring in the backend.
         let frontend = self.frontend.clone();
         let stopped = self.thread.run(move || {

@@ -9,14 +9,14 @@ use std::fs::File;
 use std::io::{ErrorKind, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::path::{Path, PathBuf};
-use std::sync::{mpsc, Arc};
+use std::sync::Arc;
 
 use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{read_config_bytes, ActivateError, Interrupt, VirtioDevice, DEVICE_ID_NET};
-use crate::devices::thread::DeviceThread;
+use crate::devices::thread::{DeviceThread, Running};
 use crate::memory::GuestMemory;
 
 pub const VIRTIO_NET_F_MAC: u64 = 1 << 5;
@@ -113,8 +113,9 @@ pub struct Net {
     tap: Arc<File>,
     name: String,
     config: [u8; 6],
+    /// The running frame loop (declared before the thread: dropped first).
+    worker: Option<Running>,
     thread: DeviceThread,
-    worker: Option<(EventFd, mpsc::Receiver<()>)>,
 }
 
 impl Net {
@@ -124,25 +125,12 @@ impl Net {
             tap: Arc::new(file),
             name: tap.into(),
             config: mac,
+            worker: None,
             thread: DeviceThread::spawn("virtio-net").map_err(|source| NetError::Tap {
                 name: tap.into(),
                 source,
             })?,
-            worker: None,
         })
-    }
-
-    fn stop_worker(&mut self) {
-        if let Some((stop, ended)) = self.worker.take() {
-            let _ = stop.write(1);
-            let _ = ended.recv();
-        }
-    }
-}
-
-impl Drop for Net {
-    fn drop(&mut self) {
-        self.stop_worker();
     }
 }
 
@@ -202,17 +190,12 @@ impl VirtioDevice for Net {
             buf: vec![0u8; NET_HDR_LEN + MAX_FRAME],
             used: false,
         };
-        let (ended, worker_ended) = mpsc::channel();
-        self.thread.submit(move || {
-            worker.run();
-            let _ = ended.send(());
-        })?;
-        self.worker = Some((stop, worker_ended));
+        self.worker = Some(self.thread.start(stop, move || worker.run())?);
         Ok(())
     }
 
     fn reset(&mut self) {
-        self.stop_worker();
+        self.worker = None;
     }
 }
 

@@ -16,14 +16,14 @@ use std::io::{ErrorKind, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::{mpsc, Arc};
+use std::sync::Arc;
 
 use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{read_config_bytes, ActivateError, Interrupt, VirtioDevice, DEVICE_ID_VSOCK};
-use crate::devices::thread::DeviceThread;
+use crate::devices::thread::{DeviceThread, Running};
 use crate::memory::GuestMemory;
 
 pub const HOST_CID: u64 = 2;
@@ -108,9 +108,9 @@ pub struct Vsock {
     uds: PathBuf,
     config: [u8; 8],
     listener: Option<UnixListener>,
+    /// The running connection loop (declared before the thread: dropped first).
+    worker: Option<Running>,
     thread: DeviceThread,
-    /// While active: the worker's stop event, and where it hands the listener back.
-    worker: Option<(EventFd, mpsc::Receiver<UnixListener>)>,
 }
 
 impl Vsock {
@@ -135,23 +135,15 @@ impl Vsock {
             uds: uds.to_owned(),
             config: cid.to_le_bytes(),
             listener: Some(listener),
-            thread: DeviceThread::spawn("vsock")?,
             worker: None,
+            thread: DeviceThread::spawn("vsock")?,
         })
-    }
-
-    fn stop_worker(&mut self) {
-        if let Some((stop, back)) = self.worker.take() {
-            let _ = stop.write(1);
-            // The worker's handle on the listener ends with it.
-            let _ = back.recv();
-        }
     }
 }
 
 impl Drop for Vsock {
     fn drop(&mut self) {
-        self.stop_worker();
+        self.worker = None;
         let _ = std::fs::remove_file(&self.uds);
     }
 }
@@ -205,16 +197,12 @@ impl VirtioDevice for Vsock {
             self.uds.clone(),
             listener,
         )?;
-        let (back, listener_back) = mpsc::channel();
-        self.thread.submit(move || {
-            let _ = back.send(worker.run());
-        })?;
-        self.worker = Some((stop, listener_back));
+        self.worker = Some(self.thread.start(stop, move || worker.run())?);
         Ok(())
     }
 
     fn reset(&mut self) {
-        self.stop_worker();
+        self.worker = None;
     }
 }
 
@@ -365,9 +353,9 @@ impl Worker {
         })
     }
 
-    /// The event loop; returns the listener when told to stop (the device may start
-    /// again after a driver reset).
-    fn run(mut self) -> UnixListener {
+    /// The event loop, until told to stop (the device may start again after a driver
+    /// reset, with a fresh worker).
+    fn run(mut self) {
         // Buffers or packets the driver queued before DRIVER_OK.
         self.process_tx();
         self.flush_rx();
@@ -379,13 +367,13 @@ impl Worker {
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
                 Err(e) => {
                     tracing::error!("vsock: epoll failed: {e}");
-                    return self.listener;
+                    return;
                 }
             };
             for event in &events[..n] {
                 let set = EventSet::from_bits_truncate(event.events());
                 match event.data() {
-                    TOKEN_STOP => return self.listener,
+                    TOKEN_STOP => return,
                     TOKEN_RX => {
                         let _ = self.events[0].read();
                     }
