@@ -36,6 +36,13 @@ pub const BUF_ALLOC: u32 = 256 * 1024;
 const MAX_CONNECTIONS: usize = 1024;
 const MAX_PENDING_HOST: usize = 64;
 const MAX_CONNECT_LINE: usize = 32;
+/// How long a host connection waits for the guest to accept it before it is refused
+/// (short in unit tests, which wait for it).
+const CONNECT_TIMEOUT: std::time::Duration = if cfg!(test) {
+    std::time::Duration::from_millis(300)
+} else {
+    std::time::Duration::from_secs(10)
+};
 /// Most control packets waiting for rx buffers; past it the tx queue is left alone until
 /// the guest gives rx buffers back (so a guest cannot grow the backlog without bound).
 const MAX_CONTROL: usize = 2 * QUEUE_SIZE as usize;
@@ -216,6 +223,8 @@ struct Conn {
     stream: UnixStream,
     /// The guest accepted (or opened) it; until then a host-initiated one waits.
     established: bool,
+    /// When a host-initiated connection asked the guest (until it answers).
+    asked_at: Option<std::time::Instant>,
     peer_buf_alloc: u32,
     peer_fwd_cnt: u32,
     /// Bytes sent to the guest.
@@ -243,6 +252,7 @@ impl Conn {
         Self {
             stream,
             established,
+            asked_at: (!established).then(std::time::Instant::now),
             peer_buf_alloc: peer.map_or(0, |h| h.buf_alloc),
             peer_fwd_cnt: peer.map_or(0, |h| h.fwd_cnt),
             tx_cnt: 0,
@@ -362,7 +372,8 @@ impl Worker {
         self.notify();
         let mut events = vec![EpollEvent::default(); 64];
         loop {
-            let n = match self.epoll.wait(-1, &mut events) {
+            let timeout = self.expire_requests();
+            let n = match self.epoll.wait(timeout, &mut events) {
                 Ok(n) => n,
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
                 Err(e) => {
@@ -395,6 +406,36 @@ impl Worker {
             }
             self.notify();
         }
+    }
+
+    /// Refuses host connections the guest has not answered in time; returns how long
+    /// epoll may wait before the next one expires (-1: none pending).
+    fn expire_requests(&mut self) -> i32 {
+        let now = std::time::Instant::now();
+        let mut expired = Vec::new();
+        let mut next: Option<std::time::Duration> = None;
+        for (key, conn) in &self.conns {
+            if let Some(at) = conn.asked_at.filter(|_| !conn.established) {
+                match (at + CONNECT_TIMEOUT).checked_duration_since(now) {
+                    Some(left) if !left.is_zero() => {
+                        next = Some(next.map_or(left, |n| n.min(left)));
+                    }
+                    _ => expired.push(*key),
+                }
+            }
+        }
+        for key in expired {
+            tracing::debug!(
+                "vsock: guest did not answer a connection to port {}",
+                key.guest_port
+            );
+            self.reset_conn(key);
+        }
+        if !self.control.is_empty() {
+            self.flush_rx();
+            self.notify();
+        }
+        next.map_or(-1, |d| d.as_millis().min(i32::MAX as u128) as i32 + 1)
     }
 
     fn notify(&mut self) {
@@ -634,6 +675,7 @@ impl Worker {
         match h.op {
             OP_RESPONSE if !conn.established => {
                 conn.established = true;
+                conn.asked_at = None;
                 let ok = format!("OK {}\n", key.host_port);
                 // A few bytes on a fresh stream, queued behind nothing and not counted
                 // as forwarded guest data.

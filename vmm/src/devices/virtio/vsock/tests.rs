@@ -344,6 +344,24 @@ fn host_connects_with_a_connect_line_and_gets_ok_once_the_guest_accepts() {
 }
 
 #[test]
+fn a_host_connection_the_guest_never_answers_is_closed() {
+    let mut g = Guest::new("no-answer");
+    let mut host = UnixStream::connect(g.uds()).unwrap();
+    host.write_all(b"CONNECT 61\n").unwrap();
+    let (req, _) = g.recv();
+    assert_eq!(req.op, OP_REQUEST);
+    // No RESPONSE: after the timeout the host's stream ends and the guest hears RST.
+    host.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut buf = [0u8; 8];
+    assert_eq!(host.read(&mut buf).unwrap(), 0);
+    let (rst, _) = g.recv();
+    assert_eq!(
+        (rst.op, rst.dst_port, rst.src_port),
+        (OP_RST, 61, req.src_port)
+    );
+}
+
+#[test]
 fn refused_and_malformed_connections_get_rst() {
     let mut g = Guest::new("rst");
     // Nobody listens on host port 7.
