@@ -223,6 +223,8 @@ def main():
         ("VMM CPU by first guest output (ms)", "cpu_ms", results, True),
         ("VmRSS, guest halted (MiB)", "VmRSS", results, True),
         ("  RssAnon+RssFile: the VMM itself (MiB)", "own", results, True),
+        ("    RssAnon: private to this VMM (MiB)", "RssAnon", results, True),
+        ("    RssFile: binary and libraries (MiB)", "RssFile", results, True),
         ("  RssShmem: guest memory touched (MiB)", "RssShmem", results, True),
         ("vsock 1-byte echo round trip (us)", "rtt_us", vsock, True),
         ("vsock echo throughput, 1 MiB (MiB/s)", "echo_mib_s", vsock, True),

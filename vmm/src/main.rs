@@ -49,11 +49,14 @@ fn parse_args() -> Result<Args, String> {
 }
 
 fn main() -> ExitCode {
+    // A plain level (HULL_LOG=error|warn|info|debug|trace): an env filter's pattern
+    // engine would be paged in for nothing, and the VMM's resident size is a figure.
+    let level = std::env::var("HULL_LOG")
+        .ok()
+        .and_then(|l| l.parse::<tracing::Level>().ok())
+        .unwrap_or(tracing::Level::WARN);
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("HULL_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
+        .with_max_level(level)
         .with_writer(std::io::stderr)
         .init();
     let args = match parse_args() {
