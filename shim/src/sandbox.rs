@@ -370,10 +370,20 @@ impl Sandbox {
         Ok(())
     }
 
+    /// The last console lines, and what the VMM itself said (a config it refused, say).
     fn console_tail(&self) -> String {
-        let text = std::fs::read_to_string(self.dir.join("console.log")).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(15)..].join("\n")
+        let tail = |name: &str, n: usize| {
+            let text = std::fs::read_to_string(self.dir.join(name)).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            lines[lines.len().saturating_sub(n)..].join("\n")
+        };
+        let vmm = tail("vmm.log", 5);
+        let console = tail("console.log", 15);
+        if vmm.trim().is_empty() {
+            console
+        } else {
+            format!("{console}\n(VMM log) {vmm}")
+        }
     }
 
     fn wait_ready(&mut self, listener: &UnixListener) -> Result<UnixStream, SandboxError> {

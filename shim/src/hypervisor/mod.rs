@@ -87,9 +87,30 @@ pub fn select(config: &Config) -> Box<dyn Hypervisor> {
             &config.hull_vmm,
             "hull-vmm as configured".into(),
         )),
-        _ if accel == accel::Accel::Kvm => Box::new(hull_vmm::HullVmm::new(&config.hull_vmm, why)),
+        _ if accel == accel::Accel::Kvm && found(&config.hull_vmm) => {
+            Box::new(hull_vmm::HullVmm::new(&config.hull_vmm, why))
+        }
+        _ if accel == accel::Accel::Kvm => Box::new(qemu::Qemu::new(
+            &config.qemu,
+            accel,
+            format!(
+                "{why} (hull-vmm not found at {})",
+                config.hull_vmm.display()
+            ),
+        )),
         _ => Box::new(qemu::Qemu::new(&config.qemu, accel, why)),
     }
+}
+
+/// Whether `program` is a file, or a name found on PATH.
+fn found(program: &Path) -> bool {
+    if program.components().count() > 1 {
+        return program.is_file();
+    }
+    std::env::var_os("PATH")
+        .iter()
+        .flat_map(std::env::split_paths)
+        .any(|dir| dir.join(program).is_file())
 }
 
 /// A VMM process, as both backends run it: its own process group, gone with its parent,
@@ -142,6 +163,10 @@ impl VmmProcess {
 
     pub fn stop(&mut self) {
         if let Some(c) = self.child.as_mut() {
+            // Already reaped: its pid (and group id) may be someone else's by now.
+            if matches!(c.try_wait(), Ok(Some(_))) {
+                return;
+            }
             qemu::kill_group(c);
         }
     }

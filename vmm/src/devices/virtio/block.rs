@@ -20,8 +20,8 @@ use crate::memory::GuestMemory;
 
 pub const SECTOR: u64 = 512;
 const QUEUE_SIZE: u16 = 256;
-/// Largest data transfer of one request (Linux's default max_sectors is far below).
-const MAX_REQUEST: usize = 4 << 20;
+/// Requests are moved through a buffer of this size, whatever their length.
+const CHUNK: usize = 1 << 20;
 
 pub const VIRTIO_BLK_F_RO: u64 = 1 << 5;
 pub const VIRTIO_BLK_F_FLUSH: u64 = 1 << 9;
@@ -234,11 +234,19 @@ impl Disk {
                 let Some(offset) = self.check_range(sector, len) else {
                     return (S_IOERR, 0);
                 };
-                let mut buf = vec![0u8; len];
-                if self.file.read_exact_at(&mut buf, offset).is_err()
-                    || writer.write_all(&buf).is_err()
-                {
-                    return (S_IOERR, 0);
+                let mut buf = vec![0u8; len.min(CHUNK)];
+                let mut done = 0;
+                while done < len {
+                    let n = (len - done).min(CHUNK);
+                    if self
+                        .file
+                        .read_exact_at(&mut buf[..n], offset + done as u64)
+                        .is_err()
+                        || writer.write_all(&buf[..n]).is_err()
+                    {
+                        return (S_IOERR, done);
+                    }
+                    done += n;
                 }
                 (S_OK, len)
             }
@@ -250,11 +258,19 @@ impl Disk {
                 let Some(offset) = self.check_range(sector, len) else {
                     return (S_IOERR, 0);
                 };
-                let mut buf = vec![0u8; len];
-                if reader.read_exact(&mut buf).is_err()
-                    || self.file.write_all_at(&buf, offset).is_err()
-                {
-                    return (S_IOERR, 0);
+                let mut buf = vec![0u8; len.min(CHUNK)];
+                let mut done = 0;
+                while done < len {
+                    let n = (len - done).min(CHUNK);
+                    if reader.read_exact(&mut buf[..n]).is_err()
+                        || self
+                            .file
+                            .write_all_at(&buf[..n], offset + done as u64)
+                            .is_err()
+                    {
+                        return (S_IOERR, 0);
+                    }
+                    done += n;
                 }
                 (S_OK, 0)
             }
@@ -273,10 +289,10 @@ impl Disk {
         }
     }
 
-    /// The byte offset of a transfer of `len` bytes at `sector`, if it is whole sectors,
-    /// not too large, and inside the disk.
+    /// The byte offset of a transfer of `len` bytes at `sector`, if it is whole sectors
+    /// inside the disk.
     fn check_range(&self, sector: u64, len: usize) -> Option<u64> {
-        if len as u64 % SECTOR != 0 || len > MAX_REQUEST {
+        if len as u64 % SECTOR != 0 {
             return None;
         }
         let end = sector.checked_add(len as u64 / SECTOR)?;

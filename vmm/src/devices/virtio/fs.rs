@@ -156,6 +156,9 @@ fn setup_backend(
             .map_err(|_| vhost::Error::InvalidGuestMemory)
     };
     for (index, ((queue, kick), call)) in queues.iter().zip(calls).enumerate() {
+        if !queue.ready() {
+            continue; // the driver did not set this one up
+        }
         frontend.set_vring_num(index, queue.size())?;
         frontend.set_vring_addr(
             index,

@@ -236,6 +236,8 @@ impl MmioTransport {
                     "virtio device {} failed to start: {e}",
                     self.device.device_type()
                 );
+                // Undo what part of it did start (a vhost-user backend's rings).
+                self.device.reset();
                 self.needs_reset();
             }
         }

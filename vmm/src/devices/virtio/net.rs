@@ -187,6 +187,7 @@ impl VirtioDevice for Net {
             kicks: [rx_kick, tx_kick],
             pending: None,
             tap_armed: true,
+            tap_dead: false,
             buf: vec![0u8; NET_HDR_LEN + MAX_FRAME],
             used: false,
         };
@@ -217,6 +218,8 @@ struct NetWorker {
     pending: Option<usize>,
     /// Whether the tap is watched for frames (not while one is pending).
     tap_armed: bool,
+    /// The tap failed for good.
+    tap_dead: bool,
     buf: Vec<u8>,
     used: bool,
 }
@@ -284,6 +287,9 @@ impl NetWorker {
 
     /// Tap frames to the guest's rx buffers, one frame per buffer.
     fn receive(&mut self) {
+        if self.tap_dead {
+            return;
+        }
         let mem = self.mem.clone();
         loop {
             let len = match self.pending.take() {
@@ -293,8 +299,12 @@ impl NetWorker {
                     Err(e) if e.kind() == ErrorKind::WouldBlock => break,
                     Err(e) if e.kind() == ErrorKind::Interrupted => continue,
                     Err(e) => {
-                        tracing::warn!("virtio-net: reading tap {}: {e}", self.name);
-                        break;
+                        // The tap is gone (deleted, or its namespace torn down): it would
+                        // report an error forever. Stop watching it; the link is down.
+                        tracing::warn!("virtio-net: tap {} failed ({e}); link down", self.name);
+                        self.tap_dead = true;
+                        self.arm_tap(false);
+                        return;
                     }
                 },
             };
@@ -331,7 +341,7 @@ impl NetWorker {
     }
 
     fn arm_tap(&mut self, on: bool) {
-        if self.tap_armed == on {
+        if self.tap_armed == on || (on && self.tap_dead) {
             return;
         }
         self.tap_armed = on;

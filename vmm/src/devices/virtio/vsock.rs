@@ -36,6 +36,8 @@ pub const BUF_ALLOC: u32 = 256 * 1024;
 const MAX_CONNECTIONS: usize = 1024;
 const MAX_PENDING_HOST: usize = 64;
 const MAX_CONNECT_LINE: usize = 32;
+/// How often a listener paused by a failed accept is tried again.
+const LISTENER_RETRY: std::time::Duration = std::time::Duration::from_millis(200);
 /// How long a host connection waits for the guest to accept it before it is refused
 /// (short in unit tests, which wait for it).
 const CONNECT_TIMEOUT: std::time::Duration = if cfg!(test) {
@@ -435,6 +437,11 @@ impl Worker {
             self.flush_rx();
             self.notify();
         }
+        if self.listener_paused {
+            // Try accepting again every so often (the fds or memory may be back).
+            self.resume_listener();
+            next = Some(next.map_or(LISTENER_RETRY, |n| n.min(LISTENER_RETRY)));
+        }
         next.map_or(-1, |d| d.as_millis().min(i32::MAX as u128) as i32 + 1)
     }
 
@@ -477,6 +484,17 @@ impl Worker {
         let Some(conn) = self.conns.get(&key) else {
             return;
         };
+        if conn.established
+            && !conn.to_guest.is_empty()
+            && conn.peer_credit() > 0
+            && !self.ready.contains(&key)
+        {
+            // Early host bytes are ours already: no readiness event will announce them.
+            self.ready.push_back(key);
+        }
+        let Some(conn) = self.conns.get(&key) else {
+            return;
+        };
         let mut want = EventSet::empty();
         let can_read = conn.established
             && !conn.host_eof
@@ -484,8 +502,9 @@ impl Worker {
             && conn.peer_credit() > 0
             && !self.ready.contains(&key);
         if !conn.established {
-            // Bytes the host sends early wait in the socket; only a hang-up matters now.
-            want |= EventSet::READ_HANG_UP;
+            // Bytes (or a half-close) the host sends early wait in the socket; only a
+            // full hang-up matters now.
+            want |= EventSet::HANG_UP;
         } else if can_read && !conn.closing {
             want |= EventSet::IN;
         }
@@ -540,14 +559,24 @@ impl Worker {
                 };
                 if !conn.established {
                     // The host gave up before the guest answered.
-                    if set.intersects(EventSet::HANG_UP | EventSet::ERROR | EventSet::READ_HANG_UP)
-                    {
+                    if set.intersects(EventSet::HANG_UP | EventSet::ERROR) {
                         self.reset_conn(key);
                     }
                     return;
                 }
-                if set.contains(EventSet::OUT) {
+                let broken = set.intersects(EventSet::HANG_UP | EventSet::ERROR);
+                if set.contains(EventSet::OUT) || (broken && !conn.to_host.is_empty()) {
+                    // On a hang-up the write fails and resets the connection.
                     self.write_to_host(key);
+                }
+                let Some(conn) = self.conns.get(&key) else {
+                    return;
+                };
+                if broken && conn.host_eof {
+                    // Nothing more can come from or go to the host: a level-triggered
+                    // hang-up would otherwise fire forever.
+                    self.reset_conn(key);
+                    return;
                 }
                 if set.intersects(EventSet::IN | EventSet::HANG_UP | EventSet::ERROR)
                     && !self.ready.contains(&key)
@@ -617,7 +646,7 @@ impl Worker {
     fn process_tx(&mut self) {
         self.tx_stalled = false;
         loop {
-            if self.control.len() >= MAX_CONTROL {
+            if self.replies_pending() >= MAX_CONTROL {
                 self.tx_stalled = true;
                 return;
             }
@@ -688,7 +717,7 @@ impl Worker {
                 self.write_to_host(key);
             }
             OP_RW if conn.established && !conn.guest_shut_send => {
-                if conn.to_host.len() + len > BUF_ALLOC as usize {
+                if conn.to_host.len() - conn.not_forwarded + len > BUF_ALLOC as usize {
                     tracing::debug!(
                         "vsock: guest overran its credit on port {}: reset",
                         key.guest_port
@@ -784,6 +813,17 @@ impl Worker {
             self.queue_credit_update(key);
         }
         self.rearm(key);
+    }
+
+    /// Control packets that answer the guest's own packets. Only these hold tx back:
+    /// host-initiated requests must not (Linux stops refilling rx while its own replies
+    /// are stuck, so counting them could stall both sides); they are bounded by the
+    /// connection limits instead.
+    fn replies_pending(&self) -> usize {
+        self.control
+            .iter()
+            .filter(|(_, op, _)| *op != OP_REQUEST && *op != OP_CREDIT_REQUEST)
+            .count()
     }
 
     /// Queues one credit update for `key` (not another while one waits).

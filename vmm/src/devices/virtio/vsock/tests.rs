@@ -344,6 +344,24 @@ fn host_connects_with_a_connect_line_and_gets_ok_once_the_guest_accepts() {
 }
 
 #[test]
+fn a_host_that_half_closes_before_the_guest_accepts_still_connects() {
+    let mut g = Guest::new("early-eof");
+    let mut host = UnixStream::connect(g.uds()).unwrap();
+    host.write_all(b"CONNECT 62\nrequest").unwrap();
+    host.shutdown(std::net::Shutdown::Write).unwrap(); // as socat does at stdin EOF
+    let (req, _) = g.recv();
+    assert_eq!(req.op, OP_REQUEST);
+    g.send(g.header(OP_RESPONSE, 62, req.src_port, 0), b"");
+    let ok = format!("OK {}\n", req.src_port);
+    assert_eq!(read_exact_timeout(&mut host, ok.len()), ok.as_bytes());
+    let (data, payload) = g.recv();
+    assert_eq!((data.op, payload.as_slice()), (OP_RW, &b"request"[..]));
+    assert_eq!(g.recv().0.op, OP_SHUTDOWN, "then the host's end of stream");
+    g.send(g.header(OP_RW, 62, req.src_port, 5), b"reply");
+    assert_eq!(read_exact_timeout(&mut host, 5), b"reply");
+}
+
+#[test]
 fn a_host_connection_the_guest_never_answers_is_closed() {
     let mut g = Guest::new("no-answer");
     let mut host = UnixStream::connect(g.uds()).unwrap();
