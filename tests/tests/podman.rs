@@ -205,7 +205,8 @@ fn podman_exec_logs_stop_and_kill() {
     assert_gone(&cid);
 
     let cid = p.run_detached(&name, &["sleep", "100"]);
-    assert!(p.run(&["kill", &name]).status.success());
+    let o = p.run(&["kill", &name]);
+    assert!(o.status.success(), "{o:?}");
     let o = p.run(&["wait", &name]);
     assert_eq!(out(&o).trim(), "137", "{o:?}");
     assert!(p.run(&["rm", &name]).status.success());
