@@ -14,7 +14,9 @@ use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{read_config_bytes, ActivateError, Interrupt, VirtioDevice, DEVICE_ID_BLOCK};
+use super::{
+    expect_queues, read_config_bytes, ActivateError, Interrupt, VirtioDevice, DEVICE_ID_BLOCK,
+};
 use crate::devices::thread::{DeviceThread, Running};
 use crate::memory::GuestMemory;
 
@@ -111,10 +113,7 @@ impl VirtioDevice for Block {
         queues: Vec<(Queue, EventFd)>,
         interrupt: Arc<Interrupt>,
     ) -> Result<(), ActivateError> {
-        let got = queues.len();
-        let Ok::<[_; 1], _>([(queue, kick)]) = queues.try_into() else {
-            return Err(ActivateError::Queues { got, want: 1 });
-        };
+        let [(queue, kick)] = expect_queues(queues)?;
         let stop = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?;
         let epoll = Epoll::new()?;
         epoll.ctl(

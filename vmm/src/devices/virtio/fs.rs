@@ -15,7 +15,7 @@ use vm_memory::{GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{ActivateError, Interrupt, VirtioDevice, DEVICE_ID_FS};
+use super::{expect_queues, ActivateError, Interrupt, VirtioDevice, DEVICE_ID_FS};
 use crate::devices::thread::{DeviceThread, Running};
 use crate::memory::GuestMemory;
 
@@ -206,12 +206,7 @@ impl VirtioDevice for VhostUserFs {
         queues: Vec<(Queue, EventFd)>,
         interrupt: Arc<Interrupt>,
     ) -> Result<(), ActivateError> {
-        if queues.len() != QUEUE_SIZES.len() {
-            return Err(ActivateError::Queues {
-                got: queues.len(),
-                want: QUEUE_SIZES.len(),
-            });
-        }
+        let queues: [_; QUEUE_SIZES.len()] = expect_queues(queues)?;
         let calls = queues
             .iter()
             .map(|_| EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC))

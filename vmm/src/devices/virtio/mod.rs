@@ -96,6 +96,16 @@ pub trait VirtioDevice: Send {
     fn reset(&mut self);
 }
 
+/// The queues a device was activated with, as the `N` it needs.
+pub fn expect_queues<const N: usize>(
+    queues: Vec<(virtio_queue::Queue, EventFd)>,
+) -> Result<[(virtio_queue::Queue, EventFd); N], ActivateError> {
+    let got = queues.len();
+    queues
+        .try_into()
+        .map_err(|_| ActivateError::Queues { got, want: N })
+}
+
 /// Copies `config` bytes at `offset` into `data`; out of range reads as all ones.
 pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
     data.fill(0xff);

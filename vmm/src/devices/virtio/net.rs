@@ -15,7 +15,9 @@ use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{read_config_bytes, ActivateError, Interrupt, VirtioDevice, DEVICE_ID_NET};
+use super::{
+    expect_queues, read_config_bytes, ActivateError, Interrupt, VirtioDevice, DEVICE_ID_NET,
+};
 use crate::devices::thread::{DeviceThread, Running};
 use crate::memory::GuestMemory;
 
@@ -158,10 +160,7 @@ impl VirtioDevice for Net {
         queues: Vec<(Queue, EventFd)>,
         interrupt: Arc<Interrupt>,
     ) -> Result<(), ActivateError> {
-        let got = queues.len();
-        let Ok::<[_; 2], _>([(rx, rx_kick), (tx, tx_kick)]) = queues.try_into() else {
-            return Err(ActivateError::Queues { got, want: 2 });
-        };
+        let [(rx, rx_kick), (tx, tx_kick)] = expect_queues(queues)?;
         let stop = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?;
         let epoll = Epoll::new()?;
         for (fd, token) in [

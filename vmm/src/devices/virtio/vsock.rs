@@ -22,7 +22,9 @@ use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{read_config_bytes, ActivateError, Interrupt, VirtioDevice, DEVICE_ID_VSOCK};
+use super::{
+    expect_queues, read_config_bytes, ActivateError, Interrupt, VirtioDevice, DEVICE_ID_VSOCK,
+};
 use crate::devices::thread::{DeviceThread, Running};
 use crate::memory::GuestMemory;
 
@@ -181,10 +183,7 @@ impl VirtioDevice for Vsock {
         queues: Vec<(Queue, EventFd)>,
         interrupt: Arc<Interrupt>,
     ) -> Result<(), ActivateError> {
-        let got = queues.len();
-        let [(rx, rx_evt), (tx, tx_evt), (_, ev_evt)]: [(Queue, EventFd); 3] = queues
-            .try_into()
-            .map_err(|_| ActivateError::Queues { got, want: 3 })?;
+        let [(rx, rx_evt), (tx, tx_evt), (_, ev_evt)] = expect_queues(queues)?;
         if self.worker.is_some() {
             return Err(std::io::Error::other("the vsock device is already running").into());
         }
